@@ -1,5 +1,30 @@
 //! vhost-nic: a virtio-net device (multi-queue, RSS, flow filter, header
 //! split, ring reset) served to QEMU as a vhost-user backend.
+//!
+//! Layout: `device` is the NIC model and `backend` its vhost-user glue;
+//! `ctrl` and `admin` execute control and admin queue commands; `rss`,
+//! `flow_filter` steer received frames; `rx` writes them into receive
+//! chains (header split included), `chain` validates descriptor chains and
+//! `memory` tells RAM from device memory; `offload` does checksums and
+//! segmentation in software; `port` holds the wire and TAP ends;
+//! `daemon` and `cli` run it all.
 
+pub mod admin;
+pub mod backend;
+pub mod chain;
+pub mod cli;
+pub mod config;
+pub mod ctrl;
+pub mod daemon;
+pub mod device;
+pub mod flow_filter;
 pub mod hdr;
+pub mod memory;
+pub mod offload;
 pub mod packet;
+pub mod port;
+pub mod request;
+pub mod rss;
+pub mod rx;
+pub mod spec;
+pub mod stats;

@@ -280,7 +280,13 @@ pub(crate) mod tests {
     use super::*;
 
     /// Builds an Ethernet + IPv4 + TCP frame with `payload` bytes of payload.
-    pub(crate) fn tcp4_frame(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: usize) -> Vec<u8> {
+    pub(crate) fn tcp4_frame(
+        src: [u8; 4],
+        dst: [u8; 4],
+        sport: u16,
+        dport: u16,
+        payload: usize,
+    ) -> Vec<u8> {
         let mut f = vec![0u8; ETH_HLEN + 20 + 20 + payload];
         f[0..6].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 1]);
         f[6..12].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 2]);

@@ -1,0 +1,356 @@
+//! The vhost-user backend trait, implemented once: it maps vhost-user
+//! requests and ring kicks onto the device model in device.rs.
+
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use log::{debug, info, warn};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::device::{GuestMem, NetDevice};
+use crate::request::ChainBuf;
+use crate::rx::RxWriter;
+use crate::spec::{queue_role, rx_index, tx_index, QueueRole};
+
+pub type NetVring = VringRwLock<GuestMem>;
+
+/// Per worker thread scratch space, reused across packets.
+struct WorkerScratch {
+    rx: RxWriter,
+    chain: ChainBuf,
+}
+
+pub struct NetBackend {
+    dev: Arc<NetDevice>,
+    /// For each worker thread, the global indices of its virtqueues in the
+    /// order the epoll handler numbers them.
+    thread_queues: Vec<Vec<usize>>,
+    scratch: Vec<Mutex<WorkerScratch>>,
+}
+
+/// Custom epoll event ids start above the vring ids and the exit event.
+fn custom_base(num_queues: usize) -> u64 {
+    num_queues as u64 + 1
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Custom {
+    /// Frames were queued for this pair's receive ring.
+    Wake(u16),
+    /// The port's host fd for this pair is readable.
+    PortRx(u16),
+}
+
+impl NetBackend {
+    pub fn new(dev: Arc<NetDevice>) -> Self {
+        let pairs = dev.opts.queue_pairs;
+        let per = dev.opts.pairs_per_thread.max(1) as u16;
+        let mut thread_queues = Vec::new();
+        let mut p = 0;
+        while p < pairs {
+            let end = (p + per).min(pairs);
+            thread_queues.push((p..end).flat_map(|q| [rx_index(q), tx_index(q)]).collect());
+            p = end;
+        }
+        // Control and admin queues share one thread: they change steering
+        // state that the data-path threads only read.
+        let mut slow = vec![2 * usize::from(pairs)];
+        if dev.opts.admin_vq {
+            slow.push(2 * usize::from(pairs) + 1);
+        }
+        thread_queues.push(slow);
+        let scratch = thread_queues
+            .iter()
+            .map(|_| {
+                Mutex::new(WorkerScratch {
+                    rx: RxWriter::default(),
+                    chain: ChainBuf::default(),
+                })
+            })
+            .collect();
+        NetBackend {
+            dev,
+            thread_queues,
+            scratch,
+        }
+    }
+
+    pub fn device(&self) -> &Arc<NetDevice> {
+        &self.dev
+    }
+
+    fn thread_of_pair(&self, pair: u16) -> Option<usize> {
+        self.thread_queues
+            .iter()
+            .position(|qs| qs.contains(&rx_index(pair)))
+    }
+
+    fn decode_custom(&self, event: u64) -> Option<Custom> {
+        let k = event.checked_sub(custom_base(self.dev.opts.num_queues()))?;
+        let pair = u16::try_from(k / 2).ok()?;
+        (pair < self.dev.opts.queue_pairs).then_some(if k % 2 == 0 {
+            Custom::Wake(pair)
+        } else {
+            Custom::PortRx(pair)
+        })
+    }
+
+    /// Registers each pair's wake eventfd and port fd with the epoll loop
+    /// of the thread serving that pair. Called after every (re)connection,
+    /// since each connection gets new worker threads.
+    pub fn register_listeners(
+        &self,
+        handlers: &[Arc<VringEpollHandler<Arc<NetBackend>>>],
+    ) -> io::Result<()> {
+        let base = custom_base(self.dev.opts.num_queues());
+        for pair in 0..self.dev.opts.queue_pairs {
+            let Some(handler) = self.thread_of_pair(pair).and_then(|t| handlers.get(t)) else {
+                continue;
+            };
+            if let Some(b) = self.dev.backlog(pair) {
+                use std::os::fd::AsRawFd;
+                handler.register_listener(
+                    b.wake.as_raw_fd(),
+                    EventSet::IN,
+                    base + 2 * u64::from(pair),
+                )?;
+            }
+            if let Some(fd) = self.dev.port().and_then(|p| p.rx_fd(pair)) {
+                handler.register_listener(
+                    fd,
+                    EventSet::IN | EventSet::EDGE_TRIGGERED,
+                    base + 2 * u64::from(pair) + 1,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn local_vring<'a>(
+        &self,
+        thread: usize,
+        vrings: &'a [NetVring],
+        global: usize,
+    ) -> Option<&'a NetVring> {
+        let local = self
+            .thread_queues
+            .get(thread)?
+            .iter()
+            .position(|&q| q == global)?;
+        vrings.get(local)
+    }
+
+    fn signal(&self, vring: &NetVring) {
+        match vring.needs_notification() {
+            Ok(true) => {
+                if let Err(e) = vring.signal_used_queue() {
+                    warn!("{}: cannot signal guest: {e}", self.dev.opts.name);
+                }
+            }
+            Ok(false) => {}
+            Err(e) => debug!("{}: needs_notification: {e}", self.dev.opts.name),
+        }
+    }
+
+    fn run_rx(&self, thread: usize, vrings: &[NetVring], pair: u16, scratch: &mut WorkerScratch) {
+        // Pull from a host port first so its frames reach this ring now.
+        let mut port_pending = false;
+        if let Some(port) = self.dev.port() {
+            if port.rx_fd(pair).is_some() {
+                let (woken, more) = port.receive(&self.dev, pair);
+                port_pending = more;
+                let mut mask = woken & !(1u32 << pair);
+                while mask != 0 {
+                    self.dev.wake_rx(mask.trailing_zeros() as u16);
+                    mask &= mask - 1;
+                }
+            }
+        }
+        let Some(vring) = self.local_vring(thread, vrings, rx_index(pair)) else {
+            return;
+        };
+        let used = {
+            let mut state = vring.get_mut();
+            if !state.is_enabled() || !state.get_queue().ready() {
+                return;
+            }
+            self.dev
+                .process_rx(pair, state.get_queue_mut(), &mut scratch.rx)
+        };
+        // The port left frames behind (edge-triggered fd): come back, but
+        // only if the ring moved, else wait for the guest's next RX kick.
+        if port_pending && used {
+            self.dev.wake_rx(pair);
+        }
+        if used {
+            if let Some(s) = self.dev.queue_stats.get(usize::from(pair)) {
+                s.rx_notifications.inc();
+            }
+            self.signal(vring);
+        }
+    }
+
+    fn run_queue(
+        &self,
+        thread: usize,
+        vrings: &[NetVring],
+        global: usize,
+        scratch: &mut WorkerScratch,
+    ) {
+        let Some(role) = queue_role(global, self.dev.opts.queue_pairs) else {
+            return;
+        };
+        if let QueueRole::Rx(pair) = role {
+            return self.run_rx(thread, vrings, pair, scratch);
+        }
+        let Some(vring) = self.local_vring(thread, vrings, global) else {
+            return;
+        };
+        let used = {
+            let mut state = vring.get_mut();
+            if !state.is_enabled() || !state.get_queue().ready() {
+                return;
+            }
+            let q = state.get_queue_mut();
+            match role {
+                QueueRole::Tx(pair) => self.dev.process_tx(pair, q, &mut scratch.chain),
+                QueueRole::Ctrl => self.dev.process_ctrl(q, &mut scratch.chain),
+                QueueRole::Admin => self.dev.process_admin(q, &mut scratch.chain),
+                QueueRole::Rx(_) => false,
+            }
+        };
+        if used {
+            if let QueueRole::Tx(pair) = role {
+                if let Some(s) = self.dev.queue_stats.get(usize::from(pair)) {
+                    s.tx_notifications.inc();
+                }
+            }
+            self.signal(vring);
+        }
+    }
+}
+
+impl VhostUserBackend for NetBackend {
+    type Bitmap = ();
+    type Vring = NetVring;
+
+    fn num_queues(&self) -> usize {
+        self.dev.opts.num_queues()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.dev.opts.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.dev.offered_features()
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.dev.set_acked_features(features);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::RESET_DEVICE
+    }
+
+    fn reset_device(&self) {
+        info!("{}: device reset", self.dev.opts.name);
+        self.dev.reset();
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.dev.set_event_idx(enabled);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.dev.read_config(offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        self.dev
+            .write_config(offset, buf)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+    }
+
+    fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
+        self.dev.set_memory(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        self.thread_queues
+            .iter()
+            .map(|qs| qs.iter().fold(0u64, |m, &q| m | (1u64 << q)))
+            .collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // Processing holds the vring lock and completes every chain it pops
+        // before releasing it, so once the frontend's GET_VRING_BASE got the
+        // lock nothing is in flight: the returned avail index is exact.
+        if let Some(role) = queue_role(queue_index as usize, self.dev.opts.queue_pairs) {
+            debug!(
+                "{}: vring {queue_index} ({role:?}) stopped",
+                self.dev.opts.name
+            );
+            if let QueueRole::Rx(p) | QueueRole::Tx(p) = role {
+                if let Some(s) = self.dev.queue_stats.get(usize::from(p)) {
+                    s.ring_resets.inc();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[NetVring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN && !evset.contains(EventSet::IN) {
+            return Ok(());
+        }
+        let Some(scratch) = self.scratch.get(thread_id) else {
+            return Ok(());
+        };
+        let mut scratch = scratch.lock().unwrap_or_else(|e| e.into_inner());
+        if usize::from(device_event) < vrings.len() {
+            if let Some(&global) = self
+                .thread_queues
+                .get(thread_id)
+                .and_then(|qs| qs.get(usize::from(device_event)))
+            {
+                self.run_queue(thread_id, vrings, global, &mut scratch);
+            }
+            return Ok(());
+        }
+        match self.decode_custom(u64::from(device_event)) {
+            Some(Custom::Wake(pair)) => {
+                if let Some(b) = self.dev.backlog(pair) {
+                    let _ = b.wake.read();
+                }
+                self.run_rx(thread_id, vrings, pair, &mut scratch);
+            }
+            Some(Custom::PortRx(pair)) => self.run_rx(thread_id, vrings, pair, &mut scratch),
+            None => debug!("{}: unknown event {device_event}", self.dev.opts.name),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,222 @@
+//! Command line: one device from flags, or several with repeated `--device`.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::config::{DeviceOptions, MacAddr, OptionError, PortSpec};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vhost-nic",
+    version,
+    about = "A virtio-net NIC (multi-queue, RSS, flow filter, header split, ring reset) as a vhost-user backend",
+    after_help = "Examples:\n  vhost-nic --socket /tmp/nic0.sock --queues 4 --port tap:tap0\n  vhost-nic --device socket=/tmp/a.sock,port=wire:w0 --device socket=/tmp/b.sock,port=wire:w0,queues=2"
+)]
+pub struct Cli {
+    /// vhost-user socket of a single device (the daemon listens on it).
+    #[arg(long, conflicts_with = "device")]
+    pub socket: Option<PathBuf>,
+    /// Queue pairs (1-16).
+    #[arg(long, default_value_t = 1)]
+    pub queues: u16,
+    /// Other side of the wire: wire:NAME (joins two devices of this daemon) or tap:IFNAME.
+    #[arg(long, default_value = "wire:default")]
+    pub port: String,
+    /// MAC address served in the config space.
+    #[arg(long)]
+    pub mac: Option<String>,
+    /// MTU served in the config space (68-9000).
+    #[arg(long, default_value_t = 1500)]
+    pub mtu: u16,
+    /// Largest ring size the frontend may choose (power of two).
+    #[arg(long, default_value_t = 1024)]
+    pub queue_size: u16,
+    /// Queue pairs per worker thread.
+    #[arg(long, default_value_t = 1)]
+    pub pairs_per_thread: usize,
+    /// Do not offer the admin virtqueue (needed with frontends that cannot expose it).
+    #[arg(long)]
+    pub no_admin_vq: bool,
+    /// Do not offer the header split extension.
+    #[arg(long)]
+    pub no_split_header: bool,
+    /// A device as KEY=VALUE,... with keys socket (required), port, queues, mac, mtu,
+    /// queue-size, pairs-per-thread, admin-vq (on/off), split-header (on/off). Repeatable.
+    #[arg(long)]
+    pub device: Vec<String>,
+    /// UNIX socket answering `stats` with all counters as JSON.
+    #[arg(long)]
+    pub stats_socket: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Option(#[from] OptionError),
+    #[error("no device: give --socket PATH, or one or more --device socket=PATH,...")]
+    NoDevice,
+    #[error("--device `{spec}`: {why}")]
+    DeviceSpec { spec: String, why: String },
+}
+
+fn default_mac(index: usize) -> MacAddr {
+    MacAddr([
+        0x52,
+        0x54,
+        0x00,
+        0x12,
+        0x34,
+        0x56u8.wrapping_add(index as u8),
+    ])
+}
+
+fn on_off(v: &str) -> Option<bool> {
+    match v {
+        "on" | "true" | "yes" | "1" => Some(true),
+        "off" | "false" | "no" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+impl Cli {
+    fn base(&self, index: usize) -> Result<DeviceOptions, CliError> {
+        Ok(DeviceOptions {
+            name: format!("nic{index}"),
+            socket: PathBuf::new(),
+            mac: match &self.mac {
+                Some(m) => m.parse()?,
+                None => default_mac(index),
+            },
+            queue_pairs: self.queues,
+            queue_size: self.queue_size,
+            mtu: self.mtu,
+            port: self.port.parse()?,
+            pairs_per_thread: self.pairs_per_thread,
+            admin_vq: !self.no_admin_vq,
+            split_header: !self.no_split_header,
+        })
+    }
+
+    /// The devices the command line asks for, validated.
+    pub fn devices(&self) -> Result<Vec<DeviceOptions>, CliError> {
+        if let Some(socket) = &self.socket {
+            let mut o = self.base(0)?;
+            o.socket = socket.clone();
+            o.validate()?;
+            return Ok(vec![o]);
+        }
+        if self.device.is_empty() {
+            return Err(CliError::NoDevice);
+        }
+        let mut out = Vec::new();
+        for (i, spec) in self.device.iter().enumerate() {
+            let bad = |why: String| CliError::DeviceSpec {
+                spec: spec.clone(),
+                why,
+            };
+            let mut o = self.base(i)?;
+            // Devices from --device get their own MAC unless given.
+            o.mac = default_mac(i);
+            let mut have_socket = false;
+            for kv in spec.split(',').filter(|s| !s.is_empty()) {
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| bad(format!("`{kv}` is not KEY=VALUE")))?;
+                let num = |v: &str| {
+                    v.parse::<u64>()
+                        .map_err(|_| bad(format!("{k}: `{v}` is not a number")))
+                };
+                match k {
+                    "socket" => {
+                        o.socket = PathBuf::from(v);
+                        have_socket = true;
+                    }
+                    "name" => o.name = v.to_string(),
+                    "port" => o.port = v.parse::<PortSpec>()?,
+                    "mac" => o.mac = v.parse()?,
+                    "queues" => o.queue_pairs = u16::try_from(num(v)?).unwrap_or(u16::MAX),
+                    "mtu" => o.mtu = u16::try_from(num(v)?).unwrap_or(u16::MAX),
+                    "queue-size" => o.queue_size = u16::try_from(num(v)?).unwrap_or(u16::MAX),
+                    "pairs-per-thread" => o.pairs_per_thread = num(v)? as usize,
+                    "admin-vq" => {
+                        o.admin_vq =
+                            on_off(v).ok_or_else(|| bad(format!("{k}: expected on or off")))?
+                    }
+                    "split-header" => {
+                        o.split_header =
+                            on_off(v).ok_or_else(|| bad(format!("{k}: expected on or off")))?
+                    }
+                    _ => return Err(bad(format!("unknown key `{k}`"))),
+                }
+            }
+            if !have_socket {
+                return Err(bad("socket=PATH is required".into()));
+            }
+            o.validate()?;
+            out.push(o);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("vhost-nic").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn single_device_from_flags() {
+        let d = cli(&["--socket", "/tmp/s", "--queues", "4", "--port", "tap:tap0"])
+            .devices()
+            .unwrap();
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].queue_pairs, 4);
+        assert_eq!(d[0].port, PortSpec::Tap("tap0".into()));
+    }
+
+    #[test]
+    fn several_devices() {
+        let d = cli(&[
+            "--device",
+            "socket=/tmp/a,port=wire:w",
+            "--device",
+            "socket=/tmp/b,port=wire:w,queues=2,admin-vq=off",
+        ])
+        .devices()
+        .unwrap();
+        assert_eq!(d.len(), 2);
+        assert_ne!(d[0].mac, d[1].mac);
+        assert_eq!(d[1].queue_pairs, 2);
+        assert!(!d[1].admin_vq);
+    }
+
+    #[test]
+    fn bad_input_says_what_to_do() {
+        let e = cli(&[]).devices().unwrap_err().to_string();
+        assert!(e.contains("--socket"), "{e}");
+        let e = cli(&["--device", "port=wire:w"])
+            .devices()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("socket=PATH"), "{e}");
+        let e = cli(&["--device", "socket=/a,queues=99"])
+            .devices()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("between 1 and 16"), "{e}");
+        let e = cli(&["--socket", "/a", "--port", "eth:x"])
+            .devices()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("wire:NAME"), "{e}");
+        let e = cli(&["--device", "socket=/a,colour=red"])
+            .devices()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown key"), "{e}");
+    }
+}

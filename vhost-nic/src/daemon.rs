@@ -1,0 +1,223 @@
+//! Serving devices: one vhost-user socket per device, ports wired up, a
+//! stats socket, and clean shutdown.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use log::{error, info, warn};
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::backend::NetBackend;
+use crate::config::{DeviceOptions, OptionError, PortSpec};
+use crate::device::NetDevice;
+use crate::port::tap::{TapError, TapPort};
+use crate::port::wire::Wire;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Option(#[from] OptionError),
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error("two devices use socket {0}; give each device its own --socket")]
+    DuplicateSocket(PathBuf),
+    #[error("cannot create device {name}: {err}")]
+    Device { name: String, err: std::io::Error },
+    #[error("cannot bind stats socket {path}: {err}")]
+    StatsSocket { path: PathBuf, err: std::io::Error },
+}
+
+/// The devices of one daemon, wired to their ports.
+pub struct Devices {
+    pub backends: Vec<Arc<NetBackend>>,
+}
+
+impl Devices {
+    pub fn build(opts: Vec<DeviceOptions>) -> Result<Self, DaemonError> {
+        let mut sockets = HashMap::new();
+        let mut wires: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, o) in opts.iter().enumerate() {
+            o.validate()?;
+            if sockets.insert(o.socket.clone(), i).is_some() {
+                return Err(DaemonError::DuplicateSocket(o.socket.clone()));
+            }
+            if let PortSpec::Wire(name) = &o.port {
+                wires.entry(name.clone()).or_default().push(i);
+            }
+        }
+        if let Some((name, ends)) = wires.iter().find(|(_, v)| v.len() > 2) {
+            return Err(OptionError::WireEnds(name.clone(), ends.len()).into());
+        }
+        let mut devices = Vec::new();
+        for o in opts {
+            let name = o.name.clone();
+            let dev = NetDevice::new(o).map_err(|err| DaemonError::Device { name, err })?;
+            devices.push(Arc::new(dev));
+        }
+        let mut wire_objs: HashMap<String, Arc<Wire>> = HashMap::new();
+        for dev in &devices {
+            match &dev.opts.port {
+                PortSpec::Wire(name) => {
+                    let wire = wire_objs
+                        .entry(name.clone())
+                        .or_insert_with(|| Wire::new(name));
+                    let side = usize::from(Arc::strong_count(wire) > 1);
+                    let end = wire.plug(side, dev);
+                    dev.attach_port(end);
+                }
+                PortSpec::Tap(ifname) => {
+                    let tap = TapPort::open(ifname, dev.opts.queue_pairs)?;
+                    dev.attach_port(Arc::new(tap));
+                }
+            }
+        }
+        Ok(Devices {
+            backends: devices
+                .into_iter()
+                .map(|d| Arc::new(NetBackend::new(d)))
+                .collect(),
+        })
+    }
+
+    /// All counters as one JSON document.
+    pub fn stats_json(&self) -> serde_json::Value {
+        let devices: Vec<_> = self
+            .backends
+            .iter()
+            .map(|b| {
+                let d = b.device();
+                serde_json::json!({
+                    "name": d.opts.name,
+                    "socket": d.opts.socket,
+                    "port": d.port().map(|p| p.describe()),
+                    "acked_features": format!("{:#x}", d.acked_features()),
+                    "active_pairs": d.control().active_pairs,
+                    "device": d.stats,
+                    "queues": d.queue_stats,
+                    "flow_rules": d.admin().flow_filter().rule_hits().map(|(id, hits)| serde_json::json!({"rule": id, "hits": hits})).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        serde_json::json!({ "devices": devices })
+    }
+}
+
+/// Serves one device's socket until `stop` is set: each frontend connection
+/// gets fresh worker threads; a disconnect resets the device and waits for
+/// the next connection (QEMU restarts, guest reboots keep the daemon).
+fn serve_device(backend: Arc<NetBackend>, stop: Arc<AtomicBool>) {
+    let name = backend.device().opts.name.clone();
+    let socket = backend.device().opts.socket.clone();
+    while !stop.load(Ordering::Acquire) {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mut daemon = match VhostUserDaemon::new(name.clone(), backend.clone(), mem) {
+            Ok(d) => d,
+            Err(e) => {
+                error!("{name}: cannot start vhost-user daemon: {e}");
+                return;
+            }
+        };
+        if let Err(e) = backend.register_listeners(&daemon.get_epoll_handlers()) {
+            error!("{name}: cannot register event listeners: {e}");
+            return;
+        }
+        info!("{name}: waiting for a frontend on {}", socket.display());
+        match daemon.serve(&socket) {
+            Ok(()) => info!("{name}: frontend disconnected"),
+            Err(e) => warn!("{name}: connection ended: {e}"),
+        }
+        backend.device().reset();
+    }
+}
+
+/// Answers each connection on the stats socket: a request line (`stats`,
+/// or empty) gets the counters as one JSON line; anything else gets an
+/// error object. A bad client never affects the devices.
+fn serve_stats(listener: UnixListener, devices: Arc<Devices>) {
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        let mut line = String::new();
+        let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+        let _ = BufReader::new(&conn).take_line(&mut line);
+        let reply = match line.trim() {
+            "" | "stats" | "{\"cmd\":\"stats\"}" => devices.stats_json(),
+            other => {
+                serde_json::json!({"error": format!("unknown request `{other}`; send `stats`")})
+            }
+        };
+        let _ = writeln!(conn, "{reply}");
+    }
+}
+
+trait TakeLine {
+    fn take_line(self, line: &mut String) -> std::io::Result<usize>;
+}
+
+impl<R: BufRead> TakeLine for R {
+    /// Reads one line of at most 4 KiB.
+    fn take_line(self, line: &mut String) -> std::io::Result<usize> {
+        self.take(4096).read_line(line)
+    }
+}
+
+/// Runs the daemon until SIGINT/SIGTERM. SIGUSR1 logs the counters.
+pub fn run(opts: Vec<DeviceOptions>, stats_socket: Option<&Path>) -> Result<(), DaemonError> {
+    let devices = Arc::new(Devices::build(opts)?);
+    let stop = Arc::new(AtomicBool::new(false));
+    if let Some(path) = stats_socket {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).map_err(|err| DaemonError::StatsSocket {
+            path: path.to_path_buf(),
+            err,
+        })?;
+        let d = devices.clone();
+        thread::spawn(move || serve_stats(listener, d));
+    }
+    for b in &devices.backends {
+        info!(
+            "{}: {} queue pairs, mac {}, port {}, socket {}",
+            b.device().opts.name,
+            b.device().opts.queue_pairs,
+            b.device().opts.mac,
+            b.device().port().map_or_else(String::new, |p| p.describe()),
+            b.device().opts.socket.display()
+        );
+        let (b, s) = (b.clone(), stop.clone());
+        thread::spawn(move || serve_device(b, s));
+    }
+    let signals = Mutex::new(
+        signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGUSR1,
+        ])
+        .map_err(|err| DaemonError::Device {
+            name: "signals".into(),
+            err,
+        })?,
+    );
+    let mut signals = signals.lock().unwrap_or_else(|e| e.into_inner());
+    for sig in signals.forever() {
+        if sig == signal_hook::consts::SIGUSR1 {
+            info!("stats: {}", devices.stats_json());
+            continue;
+        }
+        info!("signal {sig}: shutting down");
+        stop.store(true, Ordering::Release);
+        break;
+    }
+    info!("final stats: {}", devices.stats_json());
+    for b in &devices.backends {
+        let _ = std::fs::remove_file(&b.device().opts.socket);
+    }
+    if let Some(path) = stats_socket {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}

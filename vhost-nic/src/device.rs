@@ -1,0 +1,683 @@
+//! The NIC itself: negotiated state, receive steering, per-queue backlogs
+//! and the queue processing loops. The vhost-user glue (backend.rs) and the
+//! ports call into this; nothing here knows about sockets.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
+
+use log::{debug, warn};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::admin::AdminDevice;
+use crate::config::DeviceOptions;
+use crate::ctrl::{self, ControlState, CtrlLimits, GUEST_OFFLOAD_BITS};
+use crate::hdr::{VirtioNetHdr, HDR_HASH_LEN, HDR_LEN};
+use crate::memory::RegionClassifier;
+use crate::offload::{self, PeerOffloads};
+use crate::packet::{self, ParsedPacket, ETH_HLEN};
+use crate::port::Port;
+use crate::request::{self, ChainBuf};
+use crate::rss;
+use crate::rx::{RxDrop, RxLayout, RxOutcome, RxPacket, RxWriter};
+use crate::spec::*;
+use crate::stats::{DeviceStats, DropReason, QueueStats};
+
+pub type GuestMemoryMmapB = GuestMemoryMmap<()>;
+pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmapB>;
+
+/// Packets waiting per receive queue before the device drops (a NIC's RX
+/// FIFO); bounds memory whatever the peer sends.
+pub const RX_BACKLOG_PACKETS: usize = 1024;
+/// Largest frame the device accepts from the guest or a port: 64 KiB of GSO
+/// payload plus headers.
+pub const MAX_FRAME: usize = 65536 + 256;
+/// Largest control or admin request the device reads.
+pub const MAX_CTRL_REQUEST: usize = 64 * 1024;
+/// Chains handled per queue per wakeup, so one busy queue cannot starve
+/// the others served by the same worker.
+pub const BUDGET: usize = 256;
+
+/// A frame accepted by steering, waiting for receive buffers.
+#[derive(Debug)]
+pub struct PendingRx {
+    pub frame: Vec<u8>,
+    pub hdr: VirtioNetHdr,
+    pub parsed: ParsedPacket,
+}
+
+/// The receive side of one queue pair as seen from other threads.
+pub struct RxBacklog {
+    pending: Mutex<VecDeque<PendingRx>>,
+    /// Wakes the worker serving this queue pair.
+    pub wake: EventFd,
+}
+
+/// Where steering sent a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Steered {
+    Queue(u16),
+    Dropped(DropReason),
+}
+
+pub struct NetDevice {
+    pub opts: DeviceOptions,
+    offered: u64,
+    acked: AtomicU64,
+    event_idx: AtomicBool,
+    mem: RwLock<Option<GuestMem>>,
+    regions: RwLock<Arc<RegionClassifier>>,
+    control: RwLock<ControlState>,
+    admin: RwLock<AdminDevice>,
+    link_up: AtomicBool,
+    backlogs: Vec<RxBacklog>,
+    port: OnceLock<Arc<dyn Port>>,
+    /// Key used for automatic steering before the driver configures RSS.
+    default_rss_key: rss::ToeplitzKey,
+    pub queue_stats: Vec<QueueStats>,
+    pub stats: DeviceStats,
+}
+
+impl NetDevice {
+    pub fn new(opts: DeviceOptions) -> std::io::Result<Self> {
+        let pairs = usize::from(opts.queue_pairs);
+        let mut backlogs = Vec::with_capacity(pairs);
+        for _ in 0..pairs {
+            backlogs.push(RxBacklog {
+                pending: Mutex::new(VecDeque::new()),
+                wake: EventFd::new(EFD_NONBLOCK)?,
+            });
+        }
+        Ok(NetDevice {
+            offered: opts.offered_features(),
+            acked: AtomicU64::new(0),
+            event_idx: AtomicBool::new(false),
+            mem: RwLock::new(None),
+            regions: RwLock::new(Arc::new(RegionClassifier::default())),
+            control: RwLock::new(ControlState::new(opts.mac, 0)),
+            admin: RwLock::new(AdminDevice::new(crate::flow_filter::FfLimits::default())),
+            link_up: AtomicBool::new(true),
+            backlogs,
+            port: OnceLock::new(),
+            default_rss_key: rss::ToeplitzKey::new(&DEFAULT_RSS_KEY)
+                .map_err(std::io::Error::other)?,
+            queue_stats: (0..pairs).map(|_| QueueStats::default()).collect(),
+            stats: DeviceStats::default(),
+            opts,
+        })
+    }
+
+    /// Connects the device to its port; done once, after both ends of a
+    /// wire exist.
+    pub fn attach_port(&self, port: Arc<dyn Port>) {
+        if self.port.set(port).is_err() {
+            warn!("{}: port attached twice, keeping the first", self.opts.name);
+        }
+    }
+
+    pub fn port(&self) -> Option<&Arc<dyn Port>> {
+        self.port.get()
+    }
+
+    pub fn offered_features(&self) -> u64 {
+        self.offered
+    }
+
+    pub fn acked_features(&self) -> u64 {
+        self.acked.load(Ordering::Acquire)
+    }
+
+    pub fn has_feature(&self, b: u32) -> bool {
+        self.acked_features() & bit(b) != 0
+    }
+
+    /// The driver's feature choice. Bits the device did not offer are
+    /// ignored (the vhost-user frontend already refuses them).
+    pub fn set_acked_features(&self, features: u64) {
+        let features = features & self.offered;
+        self.acked.store(features, Ordering::Release);
+        let mut c = self.control.write().unwrap_or_else(|e| e.into_inner());
+        c.guest_offloads = features & GUEST_OFFLOAD_BITS;
+        if let Some(port) = self.port.get() {
+            port.guest_offloads_changed(self, c.guest_offloads);
+        }
+    }
+
+    pub fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    /// Device reset: back to the state after power-on, keeping the options.
+    pub fn reset(&self) {
+        self.acked.store(0, Ordering::Release);
+        *self.control.write().unwrap_or_else(|e| e.into_inner()) =
+            ControlState::new(self.opts.mac, 0);
+        *self.admin.write().unwrap_or_else(|e| e.into_inner()) =
+            AdminDevice::new(crate::flow_filter::FfLimits::default());
+        for b in &self.backlogs {
+            b.pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
+    }
+
+    pub fn set_memory(&self, mem: GuestMem) {
+        let classifier = RegionClassifier::new(&*mem.memory());
+        *self.regions.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(classifier);
+        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        self.stats.memory_updates.inc();
+    }
+
+    pub fn memory(&self) -> Option<GuestMem> {
+        self.mem.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn regions(&self) -> Arc<RegionClassifier> {
+        self.regions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn control(&self) -> RwLockReadGuard<'_, ControlState> {
+        self.control.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn admin(&self) -> RwLockReadGuard<'_, AdminDevice> {
+        self.admin.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn link_up(&self) -> bool {
+        self.link_up.load(Ordering::Acquire)
+    }
+
+    pub fn set_link(&self, up: bool) {
+        self.link_up.store(up, Ordering::Release);
+    }
+
+    /// Config space bytes `offset..offset+size`; out-of-range reads get an
+    /// empty answer, which the frontend reports as an error.
+    pub fn read_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let mac = self.control().mac;
+        let space = self.opts.config_space(mac, self.link_up());
+        let (start, len) = (offset as usize, size as usize);
+        match start.checked_add(len) {
+            Some(end) if end <= space.len() => space[start..end].to_vec(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Config writes: only the MAC is writable, and only for drivers
+    /// without CTRL_MAC_ADDR (legacy behaviour the spec keeps).
+    pub fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), ConfigWriteError> {
+        let start = offset as usize;
+        let end = start.checked_add(data.len()).ok_or(ConfigWriteError)?;
+        if end > CFG_MAC + 6 || self.has_feature(VIRTIO_NET_F_CTRL_MAC_ADDR) {
+            self.stats.config_writes_rejected.inc();
+            return Err(ConfigWriteError);
+        }
+        let mut c = self.control.write().unwrap_or_else(|e| e.into_inner());
+        c.mac.0[start..end].copy_from_slice(data);
+        Ok(())
+    }
+
+    /// Frames waiting for receive buffers on `pair`.
+    pub fn backlog_len(&self, pair: u16) -> usize {
+        self.backlogs.get(usize::from(pair)).map_or(0, |b| {
+            b.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
+        })
+    }
+
+    pub fn backlog(&self, pair: u16) -> Option<&RxBacklog> {
+        self.backlogs.get(usize::from(pair))
+    }
+
+    pub fn vnet_hdr_len(&self) -> usize {
+        if self.has_feature(VIRTIO_NET_F_HASH_REPORT) {
+            HDR_HASH_LEN
+        } else {
+            HDR_LEN
+        }
+    }
+
+    /// What the guest accepts in received frames, for the sender to decide
+    /// whether to complete checksums and segment in software.
+    pub fn receive_offloads(&self) -> PeerOffloads {
+        let o = self.control().guest_offloads;
+        let on = |b: u32| o & bit(b) != 0;
+        PeerOffloads {
+            csum: on(VIRTIO_NET_F_GUEST_CSUM),
+            tso4: on(VIRTIO_NET_F_GUEST_TSO4),
+            tso6: on(VIRTIO_NET_F_GUEST_TSO6),
+            tso_ecn: on(VIRTIO_NET_F_GUEST_ECN),
+            uso: on(VIRTIO_NET_F_GUEST_USO4) && on(VIRTIO_NET_F_GUEST_USO6),
+        }
+    }
+
+    /// Receive steering for one frame arriving from the port: receive
+    /// filter, then flow filter, then RSS (or automatic steering), as the
+    /// virtio spec orders them. Frames the guest cannot take as they are
+    /// (offloads it did not enable) are completed or segmented here. Returns
+    /// the queue woken, without signalling it: the caller batches wakeups.
+    pub fn ingress(&self, frame: Vec<u8>, hdr: VirtioNetHdr) -> Steered {
+        let q0 = &self.queue_stats[0];
+        if !self.link_up() || self.acked_features() & bit(VIRTIO_F_VERSION_1) == 0 {
+            q0.rx_drops.count(DropReason::PortDown);
+            return Steered::Dropped(DropReason::PortDown);
+        }
+        let max_plain = usize::from(self.opts.mtu) + ETH_HLEN + 8;
+        let gso = hdr.gso_type != 0;
+        if frame.len() < ETH_HLEN || frame.len() > if gso { MAX_FRAME } else { max_plain } {
+            q0.rx_drops.count(DropReason::BadLength);
+            return Steered::Dropped(DropReason::BadLength);
+        }
+        let parsed = packet::parse(&frame);
+        let control = self.control();
+        if !control.accepts(&parsed.dst_mac) {
+            q0.rx_drops.count(DropReason::MacFilter);
+            return Steered::Dropped(DropReason::MacFilter);
+        }
+        let active = control.active_pairs.max(1);
+        let mut hdr_out = VirtioNetHdr {
+            num_buffers: 0,
+            hash_value: 0,
+            hash_report: 0,
+            ..hdr
+        };
+        let mut queue = None;
+        if let Some((action, _rule)) = self.admin().flow_filter().classify(&frame, &parsed) {
+            match action {
+                crate::flow_filter::FfAction::Drop => {
+                    q0.rx_drops.count(DropReason::FlowFilterDrop);
+                    return Steered::Dropped(DropReason::FlowFilterDrop);
+                }
+                crate::flow_filter::FfAction::RxQueue(q) if q < self.opts.queue_pairs => {
+                    queue = Some(q)
+                }
+                crate::flow_filter::FfAction::RxQueue(_) => {}
+            }
+        }
+        let report = self.has_feature(VIRTIO_NET_F_HASH_REPORT);
+        if let Some(rss) = &control.rss {
+            let d = rss.select_queue(&parsed);
+            queue = queue.or(Some(d.queue));
+            if report {
+                hdr_out.hash_value = d.hash_value;
+                hdr_out.hash_report = d.hash_report;
+            }
+        } else {
+            if report {
+                if let Some((hash, report)) =
+                    control.hash_only.as_ref().and_then(|h| h.hash(&parsed))
+                {
+                    hdr_out.hash_value = hash;
+                    hdr_out.hash_report = report;
+                }
+            }
+            if queue.is_none() {
+                let hash = rss::compute_hash(
+                    &self.default_rss_key,
+                    crate::config::SUPPORTED_HASH_TYPES,
+                    &parsed,
+                )
+                .map_or(0, |(h, _)| h);
+                queue = Some((hash % u32::from(active)) as u16);
+            }
+        }
+        let q = queue.unwrap_or(0);
+        let peer = self.receive_offloads();
+        drop(control);
+        let Some(backlog) = self.backlogs.get(usize::from(q)) else {
+            q0.rx_drops.count(DropReason::QueueDisabled);
+            return Steered::Dropped(DropReason::QueueDisabled);
+        };
+        let stats = &self.queue_stats[usize::from(q)];
+        let mut pending = backlog.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut push = |frame: Vec<u8>, hdr: VirtioNetHdr, parsed: ParsedPacket| {
+            if pending.len() >= RX_BACKLOG_PACKETS {
+                stats.rx_drops.count(DropReason::BacklogFull);
+                return;
+            }
+            pending.push_back(PendingRx { frame, hdr, parsed });
+        };
+        match offload::resolve_tx(frame, &hdr_out, peer) {
+            Ok(offload::TxOutput::Single { hdr: h, frame }) => {
+                if hdr_out.needs_csum() && !h.needs_csum() {
+                    stats.tx_sw_checksummed.inc();
+                }
+                // Steering parsed the frame as it arrived; a completed
+                // checksum does not move any header.
+                push(frame, with_hash(h, &hdr_out), parsed);
+            }
+            Ok(offload::TxOutput::Segments { hdr: h, frames }) => {
+                stats.tx_sw_segmented.inc();
+                for frame in frames {
+                    let parsed = packet::parse(&frame);
+                    push(frame, with_hash(h, &hdr_out), parsed);
+                }
+            }
+            Err(e) => {
+                debug!("{}: frame dropped: {e}", self.opts.name);
+                stats.rx_drops.count(DropReason::BadTxHeader);
+                return Steered::Dropped(DropReason::BadTxHeader);
+            }
+        }
+        Steered::Queue(q)
+    }
+
+    /// Wakes the worker of `pair` to move its backlog into the ring.
+    pub fn wake_rx(&self, pair: u16) {
+        if let Some(b) = self.backlogs.get(usize::from(pair)) {
+            if let Err(e) = b.wake.write(1) {
+                warn!("{}: cannot wake rx queue {pair}: {e}", self.opts.name);
+            }
+        }
+    }
+
+    fn rx_layout(&self) -> RxLayout {
+        RxLayout {
+            mrg_rxbuf: self.has_feature(VIRTIO_NET_F_MRG_RXBUF),
+            vnet_hdr_len: self.vnet_hdr_len(),
+            split: if self.has_feature(VIRTIO_NET_F_SPLIT_HEADER) {
+                self.control().split
+            } else {
+                None
+            },
+        }
+    }
+
+    /// Moves backlog frames of `pair` into its receive ring. Returns true if
+    /// the used ring changed (the caller signals the guest).
+    pub fn process_rx(&self, pair: u16, queue: &mut Queue, writer: &mut RxWriter) -> bool {
+        let Some(mem) = self.memory() else {
+            return false;
+        };
+        let mem = mem.memory();
+        let (Some(backlog), Some(stats)) = (
+            self.backlogs.get(usize::from(pair)),
+            self.queue_stats.get(usize::from(pair)),
+        ) else {
+            return false;
+        };
+        let regions = self.regions();
+        let layout = self.rx_layout();
+        let event_idx = self.event_idx.load(Ordering::Acquire);
+        let mut used = false;
+        loop {
+            let mut delivered = 0;
+            let mut starved = false;
+            while delivered < BUDGET {
+                let Some(pkt) = backlog
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .pop_front()
+                else {
+                    break;
+                };
+                let rx = RxPacket {
+                    frame: &pkt.frame,
+                    hdr: pkt.hdr,
+                    parsed: &pkt.parsed,
+                };
+                match writer.write_packet(queue, &*mem, &regions, &layout, &rx) {
+                    RxOutcome::Delivered(r) => {
+                        used = true;
+                        delivered += 1;
+                        stats.rx_packets.inc();
+                        stats.rx_bytes.add(pkt.frame.len() as u64);
+                        stats.rx_buffers.add(u64::from(r.buffers));
+                        stats.rx_bytes_to_ram.add(r.ram_bytes);
+                        stats.rx_bytes_to_device_memory.add(r.device_bytes);
+                        if layout.split.is_some() {
+                            if r.split {
+                                stats.rx_split.inc();
+                            } else {
+                                stats.rx_not_split.inc();
+                            }
+                        }
+                    }
+                    RxOutcome::NoBuffers => {
+                        backlog
+                            .pending
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push_front(pkt);
+                        starved = true;
+                        break;
+                    }
+                    RxOutcome::Dropped(d) => {
+                        let reason = match d {
+                            RxDrop::BadChain { returned, .. } => {
+                                used |= returned > 0;
+                                DropReason::BadChain
+                            }
+                            RxDrop::TooBig { .. } => DropReason::TooBig,
+                            RxDrop::UsedRing(_) => DropReason::BadChain,
+                        };
+                        stats.rx_drops.count(reason);
+                    }
+                }
+            }
+            if !starved {
+                break;
+            }
+            // Out of buffers: ask for a kick, then look once more so a
+            // buffer posted in between is not missed.
+            if !event_idx {
+                let _ = queue.enable_notification(&*mem);
+                break;
+            }
+            match queue.enable_notification(&*mem) {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        used
+    }
+
+    /// Transmits every chain on the TX queue of `pair` through the port.
+    /// Returns true if the used ring changed.
+    pub fn process_tx<Q: QueueT>(&self, pair: u16, queue: &mut Q, buf: &mut ChainBuf) -> bool {
+        let Some(mem) = self.memory() else {
+            return false;
+        };
+        let mem = mem.memory();
+        let Some(stats) = self.queue_stats.get(usize::from(pair)) else {
+            return false;
+        };
+        let regions = self.regions();
+        let hdr_len = self.vnet_hdr_len().min(HDR_LEN.max(self.tx_hdr_len()));
+        let port = self.port.get().cloned();
+        let mut used = false;
+        let mut woken: u32 = 0;
+        loop {
+            let _ = queue.disable_notification(&*mem);
+            let mut n = 0;
+            while n < BUDGET {
+                let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
+                    break;
+                };
+                n += 1;
+                let head = chain.head_index();
+                let res = request::read_tx_chain(chain, &regions, queue.size(), buf);
+                if queue.add_used(&*mem, head, 0).is_err() {
+                    stats.tx_drops.count(DropReason::BadChain);
+                }
+                used = true;
+                let device_bytes = match res {
+                    Ok(device_bytes) => device_bytes,
+                    Err(e) => {
+                        debug!("{}: tx{pair}: bad chain: {e}", self.opts.name);
+                        stats.tx_drops.count(DropReason::BadChain);
+                        continue;
+                    }
+                };
+                let data = buf.data();
+                let Some(hdr) = VirtioNetHdr::from_bytes(data.get(..hdr_len).unwrap_or(&[])) else {
+                    stats.tx_drops.count(DropReason::BadTxHeader);
+                    continue;
+                };
+                if hdr.gso_kind().is_none() || data.len() < hdr_len + ETH_HLEN {
+                    stats.tx_drops.count(DropReason::BadTxHeader);
+                    continue;
+                }
+                let frame = data[hdr_len..].to_vec();
+                stats.tx_packets.inc();
+                stats.tx_bytes.add(frame.len() as u64);
+                stats.tx_bytes_from_device_memory.add(device_bytes);
+                let hdr = VirtioNetHdr {
+                    num_buffers: 0,
+                    hash_value: 0,
+                    hash_report: 0,
+                    ..hdr
+                };
+                match &port {
+                    Some(p) if self.link_up() => {
+                        if let Err(reason) = p.transmit(self, pair, frame, hdr, &mut woken) {
+                            stats.tx_drops.count(reason);
+                        }
+                    }
+                    _ => stats.tx_drops.count(DropReason::PortDown),
+                }
+            }
+            if n < BUDGET
+                && !(event_idx_enabled(queue)
+                    && matches!(queue.enable_notification(&*mem), Ok(true)))
+            {
+                break;
+            }
+            if n == BUDGET {
+                // Let the other queues of this worker run; a kick is
+                // pending on the eventfd only if notifications are on, so
+                // re-arm them and come back through the loop.
+                if !matches!(queue.enable_notification(&*mem), Ok(true)) {
+                    break;
+                }
+            }
+        }
+        if let Some(p) = &port {
+            p.flush(woken);
+        }
+        used
+    }
+
+    /// The TX header length: virtio_net_hdr_v1 (hash fields are receive only).
+    fn tx_hdr_len(&self) -> usize {
+        HDR_LEN
+    }
+
+    /// Executes every request on the control queue.
+    pub fn process_ctrl<Q: QueueT>(&self, queue: &mut Q, buf: &mut ChainBuf) -> bool {
+        let Some(mem) = self.memory() else {
+            return false;
+        };
+        let mem = mem.memory();
+        let regions = self.regions();
+        let mut used = false;
+        while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
+            let head = chain.head_index();
+            let len =
+                match request::read_request(chain, &regions, queue.size(), MAX_CTRL_REQUEST, buf) {
+                    Ok(()) => {
+                        self.stats.ctrl_commands.inc();
+                        let limits = CtrlLimits {
+                            max_pairs: self.opts.queue_pairs,
+                            features: self.acked_features(),
+                            split_header_buf_len: SPLIT_HEADER_BUF_LEN,
+                        };
+                        let ack = {
+                            let mut c = self.control.write().unwrap_or_else(|e| e.into_inner());
+                            let before = c.guest_offloads;
+                            let ack = ctrl::handle_command(&mut c, &limits, buf.data());
+                            if c.guest_offloads != before {
+                                if let Some(port) = self.port.get() {
+                                    port.guest_offloads_changed(self, c.guest_offloads);
+                                }
+                            }
+                            ack
+                        };
+                        if ack != VIRTIO_NET_OK as u8 {
+                            self.stats.ctrl_errors.inc();
+                            debug!(
+                                "{}: control command {:?} refused",
+                                self.opts.name,
+                                buf.data().get(..2)
+                            );
+                        }
+                        buf.write_response(&*mem, &[ack]).unwrap_or(0)
+                    }
+                    Err(e) => {
+                        debug!("{}: bad control chain: {e}", self.opts.name);
+                        self.stats.ctrl_errors.inc();
+                        0
+                    }
+                };
+            let _ = queue.add_used(&*mem, head, len as u32);
+            used = true;
+        }
+        used
+    }
+
+    /// Executes every request on the admin queue (flow filter objects).
+    pub fn process_admin<Q: QueueT>(&self, queue: &mut Q, buf: &mut ChainBuf) -> bool {
+        let Some(mem) = self.memory() else {
+            return false;
+        };
+        let mem = mem.memory();
+        let regions = self.regions();
+        let mut used = false;
+        while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
+            let head = chain.head_index();
+            let len =
+                match request::read_request(chain, &regions, queue.size(), MAX_CTRL_REQUEST, buf) {
+                    Ok(()) => {
+                        self.stats.admin_commands.inc();
+                        let result = self
+                            .admin
+                            .write()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .handle(buf.data(), buf.writable_len(), self.opts.queue_pairs);
+                        if result.get(..2) != Some(&[0, 0]) {
+                            self.stats.admin_errors.inc();
+                        }
+                        buf.write_response(&*mem, &result).unwrap_or(0)
+                    }
+                    Err(e) => {
+                        debug!("{}: bad admin chain: {e}", self.opts.name);
+                        self.stats.admin_errors.inc();
+                        0
+                    }
+                };
+            let _ = queue.add_used(&*mem, head, len as u32);
+            used = true;
+        }
+        used
+    }
+}
+
+/// The offload module rebuilds headers for the receiver; keep the hash
+/// steering computed.
+fn with_hash(h: VirtioNetHdr, from: &VirtioNetHdr) -> VirtioNetHdr {
+    VirtioNetHdr {
+        hash_value: from.hash_value,
+        hash_report: from.hash_report,
+        ..h
+    }
+}
+
+fn event_idx_enabled<Q: QueueT>(q: &Q) -> bool {
+    q.event_idx_enabled()
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("config write outside the writable MAC field")]
+pub struct ConfigWriteError;
+
+/// The key Linux and most NICs use by default (also the key of the
+/// Microsoft RSS verification suite).
+pub const DEFAULT_RSS_KEY: [u8; 40] = [
+    0x6d, 0x5a, 0x56, 0xda, 0x25, 0x5b, 0x0e, 0xc2, 0x41, 0x67, 0x25, 0x3d, 0x43, 0xa3, 0x8f, 0xb0,
+    0xd0, 0xca, 0x2b, 0xcb, 0xae, 0x7b, 0x30, 0xb4, 0x77, 0xcb, 0x2d, 0xa3, 0x80, 0x30, 0xf2, 0x0c,
+    0x6a, 0x42, 0xb7, 0x3b, 0xbe, 0xac, 0x01, 0xfa,
+];

@@ -1,0 +1,19 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use vhost_nic::cli::Cli;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let result = cli.devices().map_err(|e| e.to_string()).and_then(|devs| {
+        vhost_nic::daemon::run(devs, cli.stats_socket.as_deref()).map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vhost-nic: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
