@@ -15,7 +15,7 @@ pub const HDR_HASH_LEN: usize = 20;
 /// Header split extension: set in `flags` when the device split the packet;
 /// `hdr_len` then holds the length of the L2..L4 headers placed in the
 /// header buffer right after this header. See docs/virtio-net-extensions.md.
-pub const VIRTIO_NET_HDR_F_SPLIT: u8 = 0x08;
+pub const VIRTIO_NET_HDR_F_SPLIT: u8 = 0x10;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct VirtioNetHdr {
