@@ -354,9 +354,12 @@ impl<'a> Reader<'a> {
         Ok(u32::from_le_bytes(b.try_into().unwrap_or_default()))
     }
 
+    /// Linux sizes the command with `struct_size()` of a trailer struct,
+    /// which counts the struct's tail padding, so up to `MAX_TAIL_PADDING`
+    /// extra bytes follow the key; anything longer is refused.
     fn finish(&self) -> Result<(), RssError> {
         match self.buf.len().saturating_sub(self.off) {
-            0 => Ok(()),
+            extra if extra <= MAX_TAIL_PADDING => Ok(()),
             extra => Err(RssError::TrailingBytes { extra }),
         }
     }
@@ -370,8 +373,11 @@ fn check_hash_types(hash_types: u32, limits: &RssLimits) -> Result<(), RssError>
     Ok(())
 }
 
+/// Bytes of structure padding tolerated after the key.
+const MAX_TAIL_PADDING: usize = 7;
+
 /// Reads `u8 hash_key_length; u8 hash_key_data[]`, the common tail of both
-/// commands, and checks nothing follows it.
+/// commands, and checks nothing but padding follows it.
 fn read_key(r: &mut Reader, hash_types: u32, limits: &RssLimits) -> Result<ToeplitzKey, RssError> {
     let len = usize::from(r.u8()?);
     let max = usize::from(limits.max_key_size).min(RSS_MAX_KEY_SIZE);
@@ -1033,9 +1039,13 @@ mod tests {
                 "prefix {n}"
             );
         }
+        // One byte of tail padding, as Linux 7.3 sends, is accepted.
+        let mut padded = good.clone();
+        padded.push(0);
+        assert!(parse(padded).is_ok());
         let mut trailing = good.clone();
-        trailing.push(0);
-        assert_eq!(parse(trailing), Err(RssError::TrailingBytes { extra: 1 }));
+        trailing.extend_from_slice(&[0; 8]);
+        assert_eq!(parse(trailing), Err(RssError::TrailingBytes { extra: 8 }));
         assert!(parse(good).is_ok());
     }
 
@@ -1066,10 +1076,10 @@ mod tests {
             Err(RssError::ReservedNotZero)
         );
         let mut trailing = buf.clone();
-        trailing.push(0);
+        trailing.extend_from_slice(&[0; 8]);
         assert_eq!(
             parse_hash_config(&trailing, &l),
-            Err(RssError::TrailingBytes { extra: 1 })
+            Err(RssError::TrailingBytes { extra: 8 })
         );
         let mut ex = buf.clone();
         ex[0..4].copy_from_slice(&(V6 | VIRTIO_NET_RSS_HASH_TYPE_IP_EX).to_le_bytes());
