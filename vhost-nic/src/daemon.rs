@@ -2,7 +2,7 @@
 //! stats socket, and clean shutdown.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -144,7 +144,8 @@ fn serve_stats(listener: UnixListener, devices: Arc<Devices>) {
         let Ok(mut conn) = conn else { continue };
         let mut line = String::new();
         let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(2)));
-        let _ = BufReader::new(&conn).take_line(&mut line);
+        // One request line of at most 4 KiB.
+        let _ = BufReader::new(&conn).take(4096).read_line(&mut line);
         let reply = match line.trim() {
             "" | "stats" | "{\"cmd\":\"stats\"}" => devices.stats_json(),
             other => {
@@ -152,17 +153,6 @@ fn serve_stats(listener: UnixListener, devices: Arc<Devices>) {
             }
         };
         let _ = writeln!(conn, "{reply}");
-    }
-}
-
-trait TakeLine {
-    fn take_line(self, line: &mut String) -> std::io::Result<usize>;
-}
-
-impl<R: BufRead> TakeLine for R {
-    /// Reads one line of at most 4 KiB.
-    fn take_line(self, line: &mut String) -> std::io::Result<usize> {
-        self.take(4096).read_line(line)
     }
 }
 

@@ -404,6 +404,8 @@ impl NetDevice {
         let event_idx = self.event_idx.load(Ordering::Acquire);
         let mut used = false;
         loop {
+            // The driver's avail index before this round (see below).
+            let posted = queue.avail_idx(&*mem, Ordering::Acquire).ok();
             let mut delivered = 0;
             let mut starved = false;
             while delivered < BUDGET {
@@ -468,9 +470,20 @@ impl NetDevice {
                 let _ = queue.enable_notification(&*mem);
                 break;
             }
-            match queue.enable_notification(&*mem) {
-                Ok(true) => continue,
-                _ => break,
+            // The packet that did not fit left next_avail behind buffers the
+            // driver already posted, so arm the kick at the avail index as it
+            // is now (the driver's next post must notify), and go round again
+            // only if the index moved since this round started: a merged
+            // packet can need more buffers than there are, and a bogus index
+            // hands out none, so retrying while entries are pending would spin.
+            let resume = queue.next_avail();
+            if let Ok(now) = queue.avail_idx(&*mem, Ordering::Acquire) {
+                queue.set_next_avail(now.0);
+            }
+            let _ = queue.enable_notification(&*mem);
+            queue.set_next_avail(resume);
+            if queue.avail_idx(&*mem, Ordering::Acquire).ok() == posted {
+                break;
             }
         }
         used
@@ -487,12 +500,15 @@ impl NetDevice {
             return false;
         };
         let regions = self.regions();
-        let hdr_len = self.vnet_hdr_len().min(HDR_LEN.max(self.tx_hdr_len()));
+        // The driver uses one header size for both directions: with
+        // HASH_REPORT, TX headers carry the (unused) hash fields too.
+        let hdr_len = self.vnet_hdr_len();
         let port = self.port.get().cloned();
         let mut used = false;
         let mut woken: u32 = 0;
         loop {
             let _ = queue.disable_notification(&*mem);
+            let posted = queue.avail_idx(&*mem, Ordering::Acquire).ok();
             let mut n = 0;
             while n < BUDGET {
                 let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
@@ -501,7 +517,8 @@ impl NetDevice {
                 n += 1;
                 let head = chain.head_index();
                 let res = request::read_tx_chain(chain, &regions, queue.size(), buf);
-                if queue.add_used(&*mem, head, 0).is_err() {
+                // A chain that cannot be read is counted once, below.
+                if queue.add_used(&*mem, head, 0).is_err() && res.is_ok() {
                     stats.tx_drops.count(DropReason::BadChain);
                 }
                 used = true;
@@ -541,9 +558,12 @@ impl NetDevice {
                     _ => stats.tx_drops.count(DropReason::PortDown),
                 }
             }
+            // Entries pending but not handed out (an avail index more than a
+            // ring ahead) must not keep the loop going: only a moved index does.
             if n < BUDGET
                 && !(event_idx_enabled(queue)
-                    && matches!(queue.enable_notification(&*mem), Ok(true)))
+                    && matches!(queue.enable_notification(&*mem), Ok(true))
+                    && queue.avail_idx(&*mem, Ordering::Acquire).ok() != posted)
             {
                 break;
             }
@@ -562,11 +582,6 @@ impl NetDevice {
         used
     }
 
-    /// The TX header length: virtio_net_hdr_v1 (hash fields are receive only).
-    fn tx_hdr_len(&self) -> usize {
-        HDR_LEN
-    }
-
     /// Executes every request on the control queue.
     pub fn process_ctrl<Q: QueueT>(&self, queue: &mut Q, buf: &mut ChainBuf) -> bool {
         let Some(mem) = self.memory() else {
@@ -575,7 +590,7 @@ impl NetDevice {
         let mem = mem.memory();
         let regions = self.regions();
         let mut used = false;
-        while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
+        while let Some(chain) = next_request(queue, &mem) {
             let head = chain.head_index();
             let len =
                 match request::read_request(chain, &regions, queue.size(), MAX_CTRL_REQUEST, buf) {
@@ -627,7 +642,7 @@ impl NetDevice {
         let mem = mem.memory();
         let regions = self.regions();
         let mut used = false;
-        while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
+        while let Some(chain) = next_request(queue, &mem) {
             let head = chain.head_index();
             let len =
                 match request::read_request(chain, &regions, queue.size(), MAX_CTRL_REQUEST, buf) {
@@ -653,6 +668,23 @@ impl NetDevice {
             used = true;
         }
         used
+    }
+}
+
+/// Pops the next command chain. When the ring is empty, notifications are
+/// re-armed (with EVENT_IDX this moves avail_event, without which the driver
+/// would never kick again) and the ring checked once more, so a command
+/// posted in between is not left waiting.
+fn next_request<'a, Q: QueueT>(
+    queue: &mut Q,
+    mem: &'a GuestMemoryMmapB,
+) -> Option<virtio_queue::DescriptorChain<&'a GuestMemoryMmapB>> {
+    if let Some(chain) = queue.pop_descriptor_chain(mem) {
+        return Some(chain);
+    }
+    match queue.enable_notification(mem) {
+        Ok(true) => queue.pop_descriptor_chain(mem),
+        _ => None,
     }
 }
 
