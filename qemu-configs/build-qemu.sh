@@ -47,6 +47,8 @@ CONFIGURE_ARGS=(
     --enable-vhost-user
     --enable-vhost-net
     --enable-fdt=system
+    --enable-attr
+    --enable-virtfs
     --disable-download
     --disable-install-blobs
     --disable-docs

@@ -1,0 +1,38 @@
+#!/bin/bash
+# Network layout of the lab guest, sourced by every guest command: the NIC
+# with the first lab MAC stays in the root namespace ("local"), the other
+# moves into the "remote" namespace; the two are joined by vhost-nic's wire.
+# Exports the variables upstream HW-mode kselftests read.
+LAB_LOCAL_MAC=${LAB_LOCAL_MAC:-52:54:00:12:34:56}
+LAB_REMOTE_MAC=${LAB_REMOTE_MAC:-52:54:00:12:34:57}
+export LOCAL_V4=192.0.2.1 REMOTE_V4=192.0.2.2
+export LOCAL_V6=2001:db8::1 REMOTE_V6=2001:db8::2
+export REMOTE_TYPE=netns REMOTE_ARGS=remote
+
+lab_if_by_mac() {
+    local mac=$1 d
+    for d in /sys/class/net/*; do
+        [ "$(cat "$d/address" 2>/dev/null)" = "$mac" ] && { basename "$d"; return 0; }
+    done
+    return 1
+}
+
+lab_net_setup() {
+    NETIF=$(lab_if_by_mac "$LAB_LOCAL_MAC") || { echo "lab: no NIC with MAC $LAB_LOCAL_MAC" >&2; return 1; }
+    export NETIF
+    if ! ip netns list | grep -qw remote; then
+        local rif
+        rif=$(lab_if_by_mac "$LAB_REMOTE_MAC") || { echo "lab: no NIC with MAC $LAB_REMOTE_MAC" >&2; return 1; }
+        ip netns add remote
+        ip link set "$rif" netns remote
+        ip -n remote link set "$rif" name eth-remote
+        ip -n remote link set lo up
+        ip -n remote addr add "$REMOTE_V4/24" dev eth-remote
+        ip -n remote addr add "$REMOTE_V6/64" dev eth-remote nodad
+        # The NICs allow MTU 9000; tests start from the usual 1500.
+        ip -n remote link set eth-remote mtu 1500 up
+    fi
+    ip addr replace "$LOCAL_V4/24" dev "$NETIF"
+    ip addr replace "$LOCAL_V6/64" dev "$NETIF" nodad
+    ip link set "$NETIF" mtu 1500 up
+}

@@ -1,0 +1,313 @@
+//! `cargo xtask`: the lab. Builds what is missing (QEMU with the patch
+//! series, the guest kernel, vhost-nic), boots a guest whose NICs are
+//! served by vhost-nic, and runs tests in it.
+
+mod build;
+mod lab;
+mod paths;
+mod report;
+mod step;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::build::KernelChoice;
+use crate::lab::{AccelChoice, Lab, LabConfig};
+use crate::report::Tally;
+use crate::step::{banner, LabError, Result};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "The vhost-nic lab")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build what is missing, boot a guest on two emulated NICs, move traffic, print a summary.
+    Demo(LabArgs),
+    /// Workspace tests, then the end-to-end suite in the guest.
+    Test(LabArgs),
+    /// An interactive guest shell with the same devices.
+    Vm(LabArgs),
+    /// Run upstream kselftests (paths under tools/testing/selftests) in the guest, HW mode.
+    Selftests {
+        #[command(flatten)]
+        lab: LabArgs,
+        /// e.g. drivers/net/ping.py
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+}
+
+#[derive(Args, Clone)]
+struct LabArgs {
+    /// A built bzImage to boot instead of building one.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Your kernel source tree: the series is applied if missing and it is built with the lab config.
+    #[arg(long)]
+    kernel_tree: Option<PathBuf>,
+    /// Accelerator.
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+    accel: AccelChoice,
+    /// Show the guest kernel log too.
+    #[arg(long)]
+    verbose: bool,
+}
+
+struct Prepared {
+    lab: Lab,
+    kernel_tree: Option<PathBuf>,
+}
+
+fn prepare(args: &LabArgs) -> Result<Prepared> {
+    std::fs::create_dir_all(paths::logs_dir()).map_err(|e| LabError::Other {
+        step: "setup".into(),
+        why: format!("cannot create {}: {e}", paths::logs_dir().display()),
+    })?;
+    build::host_packages()?;
+    let qemu = build::qemu()?;
+    let kernel = build::kernel(&KernelChoice {
+        bzimage: args.kernel.clone(),
+        tree: args.kernel_tree.clone(),
+    })?;
+    let vhost_nic = build::vhost_nic()?;
+    let mut lab = Lab::start(LabConfig {
+        qemu,
+        bzimage: kernel.bzimage,
+        vhost_nic,
+        verbose: args.verbose,
+    })?;
+    lab.choose_accel(args.accel)?;
+    Ok(Prepared {
+        lab,
+        kernel_tree: kernel.tree,
+    })
+}
+
+fn repo_path(rel: &str) -> String {
+    paths::repo_root().join(rel).display().to_string()
+}
+
+fn guest_prologue() -> String {
+    format!(
+        "set -o pipefail\nsource {}\nlab_net_setup || exit 1\ncd {}\n",
+        repo_path("tests/vm/lab-env.sh"),
+        repo_path("tests/vm")
+    )
+}
+
+fn demo(args: &LabArgs) -> Result<()> {
+    let p = prepare(args)?;
+    banner(
+        "demo",
+        "booting the guest and moving traffic over the emulated NICs",
+    );
+    let script = format!(
+        "{}echo '--- NICs'\nip -br link show \"$NETIF\"; ip netns exec remote ip -br link show eth-remote\n\
+         ethtool -l \"$NETIF\" | sed -n '/Current/,$p'\n\
+         echo '--- ping'\nping -c 3 \"$REMOTE_V4\" | tail -2\nping -6 -c 3 \"$REMOTE_V6\" | tail -2\n\
+         echo '--- 256 MiB TCP transfer, verified by SHA-256 on the far side'\n\
+         start=$(date +%s.%N)\nLAB_TRANSFER_BYTES=268435456 python3 suite.py tcp_transfer_checksum || exit 1\n\
+         end=$(date +%s.%N)\necho \"throughput: $(echo \"268435456*8/($end-$start)/1000000\" | bc -l | cut -d. -f1) Mbit/s\"\n",
+        guest_prologue()
+    );
+    let run = p.lab.run_guest(&script, Duration::from_secs(1800), false)?;
+    let stats = p.lab.stats()?;
+    println!();
+    println!("=== vhost-nic lab demo ({:?}) ===", p.lab.accel);
+    if let Some(t) = run.boot_time {
+        println!("boot to first command: {:.1}s", t.as_secs_f64());
+    }
+    println!(
+        "guest run, boot to power-off: {:.1}s",
+        run.elapsed.as_secs_f64()
+    );
+    for line in run
+        .output
+        .lines()
+        .filter(|l| l.starts_with("throughput") || l.starts_with("ok "))
+    {
+        println!("{line}");
+    }
+    println!("{}", report::stats_table(&stats));
+    println!(
+        "run directory (logs, console, QEMU config): {}",
+        p.lab.run_dir.display()
+    );
+    if run.status != Some(0) {
+        return Err(LabError::Other {
+            step: "demo".into(),
+            why: format!(
+                "the guest command failed (status {:?}); console: {}",
+                run.status,
+                run.console.display()
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn test(args: &LabArgs) -> Result<Tally> {
+    let mut tally = Tally::default();
+    banner("unit", "cargo test --workspace");
+    tally.add(report::cargo_tests()?);
+    let p = prepare(args)?;
+    banner("e2e", "end-to-end suite in the guest");
+    let script = format!(
+        "{prologue}if [ ! -f /mnt/results/phase ]; then\n  echo 1 > /mnt/results/phase\n  \
+         python3 suite.py\n  touch /mnt/results/reboot\nelse\n  \
+         LAB_TEST_PREFIX=after_reboot_ python3 suite.py links_up ping_v4\nfi\n",
+        prologue = guest_prologue()
+    );
+    let run = p.lab.run_guest(&script, Duration::from_secs(3600), true)?;
+    let guest = report::parse_ktap(&run.output);
+    let expected = 9;
+    tally.add(guest.clone());
+    if guest.total() < expected {
+        eprintln!(
+            "not ok: the guest reported {} of {expected} results (boots: {}); console: {}",
+            guest.total(),
+            run.boots,
+            run.console.display()
+        );
+        tally.failed += expected - guest.total();
+    }
+    tally.check("guest_rebooted_with_daemon_running", run.boots == 2, || {
+        format!("{} boots seen", run.boots)
+    });
+    let stats = p.lab.stats()?;
+    tally.check(
+        "host_counters_show_every_queue_used",
+        report::all_queues_used(&stats),
+        || report::stats_table(&stats),
+    );
+    let mut lab = p.lab;
+    tally.add(daemon_killed_mid_transfer(&mut lab)?);
+    Ok(tally)
+}
+
+/// The daemon dies while the guest sends: the guest's transfer must end
+/// with an error within its deadline and the guest must still shut down;
+/// nothing may hang.
+fn daemon_killed_mid_transfer(lab: &mut Lab) -> Result<Tally> {
+    banner("e2e", "vhost-nic killed in the middle of a transfer");
+    let script = format!(
+        "{}NETTOOL_TIMEOUT=30 ip netns exec remote python3 nettool.py recv 5009 /tmp/out >/dev/null 2>&1 &\n\
+         while ! ip netns exec remote ss -Hltn | grep -q ':5009'; do sleep 0.1; done\n\
+         touch /mnt/results/killme\n\
+         NETTOOL_TIMEOUT=30 timeout 120 python3 nettool.py send \"$REMOTE_V4\" 5009 100000000000\n\
+         echo \"transfer-exit $?\"\n\
+         kill $(jobs -p) 2>/dev/null; wait\n",
+        guest_prologue()
+    );
+    let killme = lab.run_dir.join("results/killme");
+    let _ = std::fs::remove_file(&killme);
+    let pid = lab.daemon_pid();
+    let guest_done = Arc::new(AtomicBool::new(false));
+    let done = guest_done.clone();
+    let killer = std::thread::spawn(move || {
+        let asked = step::wait_until(Duration::from_secs(900), || {
+            killme.exists() || done.load(Ordering::Acquire)
+        }) && killme.exists();
+        if let (true, Some(pid)) = (asked, pid) {
+            // Let the transfer get going before the daemon dies.
+            std::thread::sleep(Duration::from_secs(2));
+            // SAFETY: kill() on the daemon this process started.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        asked
+    });
+    let run = lab.run_guest(&script, Duration::from_secs(1200), false);
+    guest_done.store(true, Ordering::Release);
+    let killed = killer.join().unwrap_or(false);
+    let run = run?;
+    lab.stop_daemon(libc::SIGKILL);
+    let mut t = Tally::default();
+    let exit = run
+        .output
+        .lines()
+        .find_map(|l| l.strip_prefix("transfer-exit "))
+        .and_then(|s| s.trim().parse::<i32>().ok());
+    t.check(
+        "daemon_killed_transfer_fails_cleanly",
+        killed && matches!(exit, Some(e) if e != 0 && e != 124),
+        || format!("daemon killed: {killed}, sender exit: {exit:?} (124 = hung until timeout)"),
+    );
+    t.check(
+        "daemon_killed_guest_still_shuts_down",
+        run.status.is_some(),
+        || format!("guest did not finish; console: {}", run.console.display()),
+    );
+    Ok(t)
+}
+
+fn selftests(args: &LabArgs, tests: &[String]) -> Result<Tally> {
+    let p = prepare(args)?;
+    let Some(tree) = p.kernel_tree.clone() else {
+        return Err(LabError::Usage(
+            "kselftests come from the kernel source tree: use the default kernel build or --kernel-tree PATH".into(),
+        ));
+    };
+    let base = tree.join("tools/testing/selftests");
+    let mut script = guest_prologue();
+    for t in tests {
+        let path = base.join(t);
+        if !path.is_file() {
+            return Err(LabError::Usage(format!(
+                "{} does not exist (paths are relative to tools/testing/selftests, e.g. drivers/net/ping.py)",
+                path.display()
+            )));
+        }
+        script.push_str(&format!(
+            "echo '# selftest {t}'\ncd {dir} && NETIF=$NETIF python3 {path} ; echo \"# exit $?\"\n",
+            dir = path
+                .parent()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default(),
+            path = path.display()
+        ));
+    }
+    let run = p.lab.run_guest(&script, Duration::from_secs(3600), false)?;
+    print!("{}", run.output);
+    Ok(report::parse_ktap(&run.output))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.cmd {
+        Cmd::Demo(a) => demo(a).map(|()| None),
+        Cmd::Test(a) => test(a).map(Some),
+        Cmd::Vm(a) => prepare(a).and_then(|p| {
+            eprintln!(
+                "guest shell: run `source {} && lab_net_setup` for the lab network; `poweroff -f` to leave",
+                repo_path("tests/vm/lab-env.sh")
+            );
+            p.lab.interactive()
+        })
+        .map(|()| None),
+        Cmd::Selftests { lab, paths } => selftests(lab, paths).map(Some),
+    };
+    match result {
+        Ok(Some(tally)) => {
+            println!("{}", tally.summary());
+            if tally.failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Ok(None) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
