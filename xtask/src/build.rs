@@ -21,6 +21,7 @@ pub const HOST_PACKAGES: &[&str] = &[
     "python3-yaml",
     "python3-jsonschema",
     "kmod",
+    "bc",
 ];
 
 fn missing_packages(pkgs: &[&str]) -> Vec<String> {

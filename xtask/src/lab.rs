@@ -36,6 +36,8 @@ pub struct LabConfig {
     pub bzimage: PathBuf,
     pub vhost_nic: PathBuf,
     pub verbose: bool,
+    /// More QEMU arguments (the benchmark's baseline NICs).
+    pub extra_qemu_args: Vec<String>,
 }
 
 pub struct Lab {
@@ -214,6 +216,7 @@ impl Lab {
         if !allow_reboot {
             c.arg("-no-reboot");
         }
+        c.args(&self.cfg.extra_qemu_args);
         c
     }
 

@@ -2,6 +2,7 @@
 //! series, the guest kernel, vhost-nic), boots a guest whose NICs are
 //! served by vhost-nic, and runs tests in it.
 
+mod bench;
 mod build;
 mod lab;
 mod paths;
@@ -36,6 +37,18 @@ enum Cmd {
     Test(LabArgs),
     /// An interactive guest shell with the same devices.
     Vm(LabArgs),
+    /// Throughput over the vhost-nic wire against QEMU's userspace
+    /// virtio-net-pci on a host TAP pair, in the same guest.
+    Bench {
+        #[command(flatten)]
+        lab: LabArgs,
+        /// Bytes per transfer.
+        #[arg(long, default_value_t = 512 << 20)]
+        bytes: u64,
+        /// Transfers per path (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+    },
     /// Run upstream kselftests (paths under tools/testing/selftests) in the guest, HW mode.
     Selftests {
         #[command(flatten)]
@@ -68,6 +81,10 @@ struct Prepared {
 }
 
 fn prepare(args: &LabArgs) -> Result<Prepared> {
+    prepare_with(args, Vec::new())
+}
+
+fn prepare_with(args: &LabArgs, extra_qemu_args: Vec<String>) -> Result<Prepared> {
     std::fs::create_dir_all(paths::logs_dir()).map_err(|e| LabError::Other {
         step: "setup".into(),
         why: format!("cannot create {}: {e}", paths::logs_dir().display()),
@@ -84,6 +101,7 @@ fn prepare(args: &LabArgs) -> Result<Prepared> {
         bzimage: kernel.bzimage,
         vhost_nic,
         verbose: args.verbose,
+        extra_qemu_args,
     })?;
     lab.choose_accel(args.accel)?;
     Ok(Prepared {
@@ -294,6 +312,7 @@ fn main() -> ExitCode {
         })
         .map(|()| None),
         Cmd::Selftests { lab, paths } => selftests(lab, paths).map(Some),
+        Cmd::Bench { lab, bytes, rounds } => bench::run(lab, *bytes, *rounds).map(|()| None),
     };
     match result {
         Ok(Some(tally)) => {
