@@ -58,10 +58,11 @@ pub fn host_packages() -> Result<()> {
 }
 
 /// Asks a build recipe for its cache key.
-fn recipe_key(step: &str, script: &Path) -> Result<String> {
+fn recipe_key(step: &str, script: &Path, extra: &[&std::ffi::OsStr]) -> Result<String> {
     let out = Command::new("bash")
         .arg(script)
         .arg("--print-key")
+        .args(extra)
         .output()
         .map_err(|e| crate::step::LabError::Other {
             step: step.into(),
@@ -80,7 +81,7 @@ fn recipe_key(step: &str, script: &Path) -> Result<String> {
 /// Builds (or finds in the cache) the patched QEMU; returns the binary.
 pub fn qemu() -> Result<PathBuf> {
     let script = repo_root().join("qemu-configs/build-qemu.sh");
-    let key = recipe_key("qemu", &script)?;
+    let key = recipe_key("qemu", &script, &[])?;
     let out = cache_dir().join(format!("qemu-{key}"));
     let bin = out.join("bin/qemu-system-x86_64");
     let hint = if bin.exists() {
@@ -129,7 +130,11 @@ pub fn kernel(choice: &KernelChoice) -> Result<Kernel> {
         });
     }
     let script = repo_root().join("guest-kernel-patches/build-kernel.sh");
-    let key = recipe_key("kernel", &script)?;
+    let tree_args: Vec<&std::ffi::OsStr> = match &choice.tree {
+        Some(t) => vec!["--tree".as_ref(), t.as_os_str()],
+        None => Vec::new(),
+    };
+    let key = recipe_key("kernel", &script, &tree_args)?;
     let tag = if choice.tree.is_some() {
         "tree"
     } else {
