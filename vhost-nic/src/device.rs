@@ -135,8 +135,16 @@ impl NetDevice {
 
     /// The driver's feature choice. Bits the device did not offer are
     /// ignored (the vhost-user frontend already refuses them).
+    ///
+    /// Frontends send the features each time a driver starts the device
+    /// (QEMU: at DRIVER_OK), so this also starts a fresh driver session:
+    /// control and admin state go back to their reset values. That is the
+    /// device reset a driver reload expects, without VHOST_USER_RESET_DEVICE,
+    /// which QEMU's vhost-user-net follows with ring enables before the
+    /// features are set again.
     pub fn set_acked_features(&self, features: u64) {
         let features = features & self.offered;
+        self.reset();
         self.acked.store(features, Ordering::Release);
         let mut c = self.control.write().unwrap_or_else(|e| e.into_inner());
         c.guest_offloads = features & GUEST_OFFLOAD_BITS;
