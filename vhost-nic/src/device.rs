@@ -23,7 +23,7 @@ use crate::request::{self, ChainBuf};
 use crate::rss;
 use crate::rx::{RxDrop, RxLayout, RxOutcome, RxPacket, RxWriter};
 use crate::spec::*;
-use crate::stats::{DeviceStats, DropReason, QueueStats};
+use crate::stats::{Counter, DeviceStats, DropReason, QueueStats};
 
 pub type GuestMemoryMmapB = GuestMemoryMmap<()>;
 pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmapB>;
@@ -592,58 +592,51 @@ impl NetDevice {
 
     /// Executes every request on the control queue.
     pub fn process_ctrl<Q: QueueT>(&self, queue: &mut Q, buf: &mut ChainBuf) -> bool {
-        let Some(mem) = self.memory() else {
-            return false;
-        };
-        let mem = mem.memory();
-        let regions = self.regions();
-        let mut used = false;
-        while let Some(chain) = next_request(queue, &mem) {
-            let head = chain.head_index();
-            let len =
-                match request::read_request(chain, &regions, queue.size(), MAX_CTRL_REQUEST, buf) {
-                    Ok(()) => {
-                        self.stats.ctrl_commands.inc();
-                        let limits = CtrlLimits {
-                            max_pairs: self.opts.queue_pairs,
-                            features: self.acked_features(),
-                            split_header_buf_len: SPLIT_HEADER_BUF_LEN,
-                        };
-                        let ack = {
-                            let mut c = self.control.write().unwrap_or_else(|e| e.into_inner());
-                            let before = c.guest_offloads;
-                            let ack = ctrl::handle_command(&mut c, &limits, buf.data());
-                            if c.guest_offloads != before {
-                                if let Some(port) = self.port.get() {
-                                    port.guest_offloads_changed(self, c.guest_offloads);
-                                }
-                            }
-                            ack
-                        };
-                        if ack != VIRTIO_NET_OK as u8 {
-                            self.stats.ctrl_errors.inc();
-                            debug!(
-                                "{}: control command {:?} refused",
-                                self.opts.name,
-                                buf.data().get(..2)
-                            );
-                        }
-                        buf.write_response(&*mem, &[ack]).unwrap_or(0)
-                    }
-                    Err(e) => {
-                        debug!("{}: bad control chain: {e}", self.opts.name);
-                        self.stats.ctrl_errors.inc();
-                        0
-                    }
-                };
-            let _ = queue.add_used(&*mem, head, len as u32);
-            used = true;
-        }
-        used
+        let stats = (&self.stats.ctrl_commands, &self.stats.ctrl_errors);
+        self.serve_commands(queue, buf, "control", stats, |request, _room| {
+            let limits = CtrlLimits {
+                max_pairs: self.opts.queue_pairs,
+                features: self.acked_features(),
+                split_header_buf_len: SPLIT_HEADER_BUF_LEN,
+            };
+            let mut c = self.control.write().unwrap_or_else(|e| e.into_inner());
+            let before = c.guest_offloads;
+            let ack = ctrl::handle_command(&mut c, &limits, request);
+            if c.guest_offloads != before {
+                if let Some(port) = self.port.get() {
+                    port.guest_offloads_changed(self, c.guest_offloads);
+                }
+            }
+            (vec![ack], ack == VIRTIO_NET_OK as u8)
+        })
     }
 
     /// Executes every request on the admin queue (flow filter objects).
     pub fn process_admin<Q: QueueT>(&self, queue: &mut Q, buf: &mut ChainBuf) -> bool {
+        let stats = (&self.stats.admin_commands, &self.stats.admin_errors);
+        self.serve_commands(queue, buf, "admin", stats, |request, room| {
+            let result = self
+                .admin
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .handle(request, room, self.opts.queue_pairs);
+            let ok = result.get(..2) == Some(&[0, 0]);
+            (result, ok)
+        })
+    }
+
+    /// Runs `exec(request, reply_room)` on every chain of a command queue
+    /// and writes its reply into the chain's writable part. `exec` returns
+    /// the reply and whether the command succeeded. Returns true if the used
+    /// ring changed.
+    fn serve_commands<Q: QueueT>(
+        &self,
+        queue: &mut Q,
+        buf: &mut ChainBuf,
+        what: &str,
+        (commands, errors): (&Counter, &Counter),
+        mut exec: impl FnMut(&[u8], usize) -> (Vec<u8>, bool),
+    ) -> bool {
         let Some(mem) = self.memory() else {
             return false;
         };
@@ -652,26 +645,27 @@ impl NetDevice {
         let mut used = false;
         while let Some(chain) = next_request(queue, &mem) {
             let head = chain.head_index();
-            let len =
-                match request::read_request(chain, &regions, queue.size(), MAX_CTRL_REQUEST, buf) {
-                    Ok(()) => {
-                        self.stats.admin_commands.inc();
-                        let result = self
-                            .admin
-                            .write()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .handle(buf.data(), buf.writable_len(), self.opts.queue_pairs);
-                        if result.get(..2) != Some(&[0, 0]) {
-                            self.stats.admin_errors.inc();
-                        }
-                        buf.write_response(&*mem, &result).unwrap_or(0)
+            let read = request::read_request(chain, &regions, queue.size(), MAX_CTRL_REQUEST, buf);
+            let len = match read {
+                Ok(()) => {
+                    commands.inc();
+                    let (reply, ok) = exec(buf.data(), buf.writable_len());
+                    if !ok {
+                        errors.inc();
+                        debug!(
+                            "{}: {what} command {:02x?} refused",
+                            self.opts.name,
+                            buf.data().get(..4)
+                        );
                     }
-                    Err(e) => {
-                        debug!("{}: bad admin chain: {e}", self.opts.name);
-                        self.stats.admin_errors.inc();
-                        0
-                    }
-                };
+                    buf.write_response(&*mem, &reply).unwrap_or(0)
+                }
+                Err(e) => {
+                    debug!("{}: bad {what} chain: {e}", self.opts.name);
+                    errors.inc();
+                    0
+                }
+            };
             let _ = queue.add_used(&*mem, head, len as u32);
             used = true;
         }

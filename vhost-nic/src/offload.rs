@@ -22,7 +22,8 @@ use virtio_bindings::virtio_net::{
 use crate::hdr::{GsoKind, VirtioNetHdr};
 use crate::packet::{
     self, IpAddrs, ParsedPacket, ETHERTYPE_IPV4, ETHERTYPE_IPV6, IPPROTO_TCP, IPPROTO_UDP,
-    IPV4_MIN_HLEN, IPV6_HLEN, L4,
+    IPV4_MIN_HLEN, IPV6_EXT_DEST_OPTS, IPV6_EXT_FRAGMENT, IPV6_EXT_HOP_BY_HOP, IPV6_EXT_ROUTING,
+    IPV6_HLEN, IPV6_MAX_EXT_HEADERS, L4,
 };
 
 /// Offset of the checksum field in the TCP header.
@@ -45,12 +46,6 @@ pub const MAX_UDP_SEGMENTS: usize = 128;
 const TCP_FLAG_FIN: u8 = 0x01;
 const TCP_FLAG_PSH: u8 = 0x08;
 const TCP_FLAG_CWR: u8 = 0x80;
-
-const IPV6_EXT_HOP_BY_HOP: u8 = 0;
-const IPV6_EXT_ROUTING: u8 = 43;
-const IPV6_EXT_FRAGMENT: u8 = 44;
-const IPV6_EXT_DEST_OPTS: u8 = 60;
-const IPV6_MAX_EXT_HEADERS: usize = 8;
 
 /// TAP offload flags (TUNSETOFFLOAD), from linux/if_tun.h.
 pub const TUN_F_CSUM: u32 = 0x01;

@@ -20,12 +20,12 @@ pub const UDP_HLEN: usize = 8;
 
 /// IPv6 extension headers the parser walks through to find the transport
 /// header (hop-by-hop, routing, fragment, destination options).
-const IPV6_EXT_HOP_BY_HOP: u8 = 0;
-const IPV6_EXT_ROUTING: u8 = 43;
-const IPV6_EXT_FRAGMENT: u8 = 44;
-const IPV6_EXT_DEST_OPTS: u8 = 60;
+pub const IPV6_EXT_HOP_BY_HOP: u8 = 0;
+pub const IPV6_EXT_ROUTING: u8 = 43;
+pub const IPV6_EXT_FRAGMENT: u8 = 44;
+pub const IPV6_EXT_DEST_OPTS: u8 = 60;
 /// Bounds the walk so a crafted chain of extension headers costs little.
-const IPV6_MAX_EXT_HEADERS: usize = 8;
+pub const IPV6_MAX_EXT_HEADERS: usize = 8;
 
 /// Source and destination address of the network header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
