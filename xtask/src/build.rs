@@ -114,8 +114,6 @@ pub struct KernelChoice {
 
 pub struct Kernel {
     pub bzimage: PathBuf,
-    /// The source tree, when the kernel was built here (for kselftests).
-    pub tree: Option<PathBuf>,
 }
 
 pub fn kernel(choice: &KernelChoice) -> Result<Kernel> {
@@ -124,10 +122,7 @@ pub fn kernel(choice: &KernelChoice) -> Result<Kernel> {
             return fail("kernel", format!("--kernel {}: no such file", b.display()));
         }
         banner("kernel", &format!("using {}", b.display()));
-        return Ok(Kernel {
-            bzimage: b.clone(),
-            tree: choice.tree.clone(),
-        });
+        return Ok(Kernel { bzimage: b.clone() });
     }
     let script = repo_root().join("guest-kernel-patches/build-kernel.sh");
     let tree_args: Vec<&std::ffi::OsStr> = match &choice.tree {
@@ -163,16 +158,42 @@ pub fn kernel(choice: &KernelChoice) -> Result<Kernel> {
             format!("build finished but {} is missing", bz.display()),
         );
     }
-    let tree = choice
-        .tree
-        .clone()
-        .or_else(|| {
-            std::fs::read_to_string(out.join("source-tree"))
-                .ok()
-                .map(|s| PathBuf::from(s.trim()))
-        })
-        .filter(|p| p.is_dir());
-    Ok(Kernel { bzimage: bz, tree })
+    Ok(Kernel { bzimage: bz })
+}
+
+/// Builds and installs the kselftests (targets in build-selftests.sh) from
+/// the same kernel source as the guest kernel: `tree`, or Debian's
+/// linux-source-7.3 pinned for the kernel. Returns the install directory
+/// (its `drivers/net/ping.py` etc. run from their own directory).
+pub fn selftests(tree: Option<&Path>) -> Result<PathBuf> {
+    let script = repo_root().join("guest-kernel-patches/build-selftests.sh");
+    let tree_args: Vec<&std::ffi::OsStr> = match tree {
+        Some(t) => vec!["--tree".as_ref(), t.as_os_str()],
+        None => Vec::new(),
+    };
+    let key = recipe_key("kselftest", &script, &tree_args)?;
+    let tag = if tree.is_some() { "tree" } else { "debian" };
+    let out = cache_dir().join(format!("kselftest-{tag}-{key}"));
+    let install = out.join("kselftest");
+    let hint = if install.join("run_kselftest.sh").exists() {
+        "cached"
+    } else {
+        "building (a few minutes on 2 cores)"
+    };
+    banner(
+        "kselftest",
+        &format!("kselftests installed in {}: {hint}", install.display()),
+    );
+    let mut c = Command::new("bash");
+    c.arg(&script).arg(&out).args(&tree_args);
+    run_logged("kselftest", c, &logs_dir().join("kselftest-build.log"))?;
+    if !install.join("run_kselftest.sh").exists() {
+        return fail(
+            "kselftest",
+            format!("build finished but {} is missing", install.display()),
+        );
+    }
+    Ok(install)
 }
 
 /// Builds vhost-nic in release mode; returns the binary.

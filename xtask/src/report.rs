@@ -163,4 +163,15 @@ mod tests {
         assert_eq!((t.passed, t.failed, t.skipped), (2, 1, 1));
         assert_eq!(t.summary(), "2 passed, 1 failed, 1 skipped");
     }
+
+    #[test]
+    fn counts_kselftest_python_ktap() {
+        let out = "TAP version 13\n1..3\nok 1 ping.test_default_v4\n\
+                   # Check| At ./ping.py, line 10, in test:\n\
+                   not ok 2 ping.test_xdp_native_sb\n\
+                   ok 3 ping.test_xdp_offload # SKIP device does not support offloaded XDP\n\
+                   # Totals: pass:1 fail:1 xfail:0 xpass:0 skip:1 error:0\n";
+        let t = parse_ktap(out);
+        assert_eq!((t.passed, t.failed, t.skipped), (1, 1, 1));
+    }
 }

@@ -1,0 +1,210 @@
+#!/usr/bin/env bash
+# Build and install the upstream kselftests the lab runs in its guest, from
+# the same kernel source as the guest kernel.
+#
+#   build-selftests.sh OUTDIR [--tree PATH]        install into OUTDIR/kselftest
+#   build-selftests.sh --print-key [--tree PATH]   print the cache key of this recipe and exit
+#
+# The source is the one build-kernel.sh uses: Debian's linux-source-7.3 at
+# the version pinned in recipe-lib.sh (the .deb comes from the same download
+# cache, $XDG_CACHE_HOME/vhost-nic-lab/downloads, fetched with the same
+# private apt configuration if it is not there yet), or the tree given with
+# --tree.  The patch series is applied the same way.  Then
+#
+#   make headers
+#   make -C tools/testing/selftests TARGETS="$KSFT_TARGETS" FORCE_TARGETS=1 \
+#        install INSTALL_PATH=OUTDIR/kselftest
+#
+# An installed kselftest tree is self-contained: net/lib carries the YNL
+# python library (net/lib/ynl) and the netlink specs (net/lib/specs), the BPF
+# objects (net/lib/*.bpf.o) and the C helpers.  Run a test from its own
+# directory, e.g. `cd OUTDIR/kselftest/drivers/net && ./ping.py`.
+#
+# With a Debian source the build runs inside the unpacked tree in a temporary
+# work directory.  With --tree the kernel headers and the selftests' objects
+# go to OUTDIR/obj (make O=...); the YNL C library used by drivers/net is
+# still built inside PATH/tools/net/ynl, as upstream's ynl.mk does.
+#
+# OUTDIR is reused when OUTDIR/.inputs-hash equals the cache key: the SHA-256
+# of the source identity (as for build-kernel.sh), this script,
+# recipe-lib.sh, the series file and every patch it lists.
+#
+# Environment: DEBIAN_MIRROR, XDG_CACHE_HOME, BUILD_JOBS, KEEP_BUILD_DIR as
+# for build-kernel.sh.
+set -euo pipefail
+
+# Selftest targets (directories under tools/testing/selftests) to install.
+KSFT_TARGETS='net/lib drivers/net'
+# To build them: clang for the BPF objects in net/lib, libelf/zlib for the
+# libbpf it links, rsync for `make install`, python3-yaml and
+# python3-jsonschema for the YNL code generator.
+APT_BUILD_DEPS=(build-essential clang libelf-dev zlib1g-dev pkg-config rsync
+    python3 python3-yaml python3-jsonschema xz-utils patch git
+    debian-archive-keyring)
+
+PROG=build-selftests.sh
+SCRIPT_PATH=$(readlink -f "${BASH_SOURCE[0]}")
+SCRIPT_DIR=$(dirname "$SCRIPT_PATH")
+# The pinned Debian source (LINUX_*), the series, the shared steps.
+# shellcheck source=recipe-lib.sh
+. "$SCRIPT_DIR/recipe-lib.sh"
+
+usage() {
+    cat >&2 <<EOF
+usage: $PROG OUTDIR [--tree PATH]
+       $PROG --print-key [--tree PATH]
+
+Builds the kselftest targets '$KSFT_TARGETS' of Debian $LINUX_PACKAGE
+$LINUX_DEB_VERSION (or of the Linux 7.3 tree at PATH) with the patches listed
+in $SERIES, and installs them into OUTDIR/kselftest.  --print-key prints the
+cache key that OUTDIR/.inputs-hash must match for OUTDIR to be reused.
+EOF
+}
+
+# ---- arguments -------------------------------------------------------------
+OUTDIR=''
+TREE=''
+PRINT_KEY=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --print-key) PRINT_KEY=1 ;;
+        --tree) [ $# -ge 2 ] || { usage; exit 2; }; TREE=$2; shift ;;
+        --tree=*) TREE=${1#--tree=} ;;
+        -h|--help) usage; exit 0 ;;
+        -*) usage; exit 2 ;;
+        *) [ -z "$OUTDIR" ] || { usage; exit 2; }; OUTDIR=$1 ;;
+    esac
+    shift
+done
+if [ "$PRINT_KEY" = 1 ]; then
+    [ -z "$OUTDIR" ] || { usage; exit 2; }
+else
+    [ -n "$OUTDIR" ] || { usage; exit 2; }
+fi
+if [ -n "$TREE" ]; then
+    { [ -f "$TREE/Makefile" ] && [ -d "$TREE/tools/testing/selftests" ]; } ||
+        die "--tree $TREE is not a kernel source tree (no Makefile/tools/testing/selftests)"
+    TREE=$(cd "$TREE" && pwd)
+fi
+
+# Cache key: source identity, this script, recipe-lib.sh, the series, every
+# patch.
+cache_key() {
+    local p patches
+    patches=$(series_patches)
+    for p in $patches; do
+        [ -f "$PATCH_DIR/$p" ] || die "series lists missing patch $PATCH_DIR/$p"
+    done
+    {
+        source_id
+        cat "$SCRIPT_PATH"
+        printf '\n--- recipe-lib.sh\n'
+        cat "$SCRIPT_DIR/recipe-lib.sh"
+        printf '\n--- series\n'
+        cat "$SERIES"
+        for p in $patches; do
+            printf '\n--- %s\n' "$p"
+            cat "$PATCH_DIR/$p"
+        done
+    } | sha256sum | cut -d' ' -f1
+}
+
+if [ "$PRINT_KEY" = 1 ]; then
+    cache_key
+    exit 0
+fi
+
+KEY=$(cache_key)
+mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)
+INSTALL="$OUTDIR/kselftest"
+
+is_current() {
+    [ -f "$INSTALL/run_kselftest.sh" ] && [ -f "$OUTDIR/.inputs-hash" ] &&
+        [ "$(cat "$OUTDIR/.inputs-hash")" = "$KEY" ]
+}
+
+if is_current; then
+    msg "$INSTALL is up to date (key $KEY)"
+    exit 0
+fi
+
+# Only ever write into a directory this script created (or an empty one).
+if [ -n "$(ls -A "$OUTDIR")" ] && [ ! -f "$OUTDIR/.inputs-hash" ] &&
+        [ ! -f "$OUTDIR/.build-in-progress" ]; then
+    die "$OUTDIR is not empty and was not created by $PROG; refusing to overwrite it"
+fi
+
+# Serialise concurrent builds into the same OUTDIR.
+exec 9>"$OUTDIR.lock"
+if ! flock -n 9; then
+    msg "another build into $OUTDIR is running; waiting for it"
+    flock 9
+fi
+if is_current; then
+    msg "$INSTALL was built meanwhile (key $KEY)"
+    exit 0
+fi
+
+recipe_begin vhost-nic-kselftest-build
+
+# ---- 1. host packages ------------------------------------------------------
+step host-packages "build dependencies from apt"
+install_apt_packages "${APT_BUILD_DEPS[@]}"
+
+# ---- 2. source -------------------------------------------------------------
+fetch_and_unpack_source
+if [ -z "$TREE" ]; then
+    # A throw-away tree: build in it, as upstream documents.
+    OBJ_ARGS=()
+else
+    OBJ_ARGS=(O="$OUTDIR/obj")
+    mkdir -p "$OUTDIR/obj"
+fi
+
+# ---- 3. patches ------------------------------------------------------------
+apply_series
+
+# ---- 4. build and install --------------------------------------------------
+JOBS=${BUILD_JOBS:-$(nproc)}
+step headers "make headers"
+run make -C "$SRC" "${OBJ_ARGS[@]}" ARCH=x86_64 -j"$JOBS" headers
+
+step build "make -C tools/testing/selftests TARGETS=\"$KSFT_TARGETS\" install (log: $LOGDIR/build.log)"
+STEP_HINT="a target failed to build; its tools are installed by the host-packages step (see APT_BUILD_DEPS in $SCRIPT_PATH)"
+touch "$OUTDIR/.build-in-progress"
+rm -f "$OUTDIR/.inputs-hash"
+rm -rf "$INSTALL"
+run_progress make -C "$SRC/tools/testing/selftests" "${OBJ_ARGS[@]}" -j"$JOBS" \
+    FORCE_TARGETS=1 TARGETS="$KSFT_TARGETS" install INSTALL_PATH="$INSTALL"
+for t in $KSFT_TARGETS; do
+    [ -d "$INSTALL/$t" ] || die "no $INSTALL/$t after the install"
+done
+[ -d "$INSTALL/net/lib/ynl" ] && [ -d "$INSTALL/net/lib/specs" ] ||
+    die "$INSTALL/net/lib lacks the YNL library or the netlink specs"
+STEP_SECONDS[build]=$(( SECONDS - STEP_STARTED ))
+
+if [ -z "$TREE" ]; then
+    source_desc="$LINUX_PACKAGE $LINUX_DEB_VERSION ($DEBIAN_SUITE, sha256 $LINUX_DEB_SHA256)"
+else
+    source_desc="tree $TREE"
+    # For --tree the key covers the tree as built (after git am, if any).
+    KEY=$(cache_key)
+    if tree_is_git; then
+        source_desc="$source_desc at $(git -C "$TREE" rev-parse HEAD)"
+    fi
+fi
+cat >"$OUTDIR/.build-info" <<EOF
+source=$source_desc
+targets=$KSFT_TARGETS
+patches=$(series_patches | tr '\n' ' ')
+compiler=$(cc --version | head -n1); $(clang --version | head -n1)
+key=$KEY
+built=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+build_seconds=$(( SECONDS - START ))
+$(for s in "${!STEP_SECONDS[@]}"; do printf 'seconds_%s=%s\n' "${s//-/_}" "${STEP_SECONDS[$s]}"; done | sort)
+EOF
+rm -f "$OUTDIR/.build-in-progress"
+printf '%s\n' "$KEY" >"$OUTDIR/.inputs-hash"
+STEP=''
+msg "done in $(( SECONDS - START ))s: $INSTALL ($KSFT_TARGETS)"
