@@ -38,7 +38,12 @@ pub struct LabConfig {
     pub verbose: bool,
     /// More QEMU arguments (the benchmark's baseline NICs).
     pub extra_qemu_args: Vec<String>,
+    /// vhost-nic port of the first NIC; the second is always on the wire.
+    pub local_port: String,
 }
+
+/// The default: both NICs on vhost-nic's in-process wire.
+pub const WIRE_PORT: &str = "wire:lab";
 
 pub struct Lab {
     cfg: LabConfig,
@@ -103,7 +108,13 @@ impl Lab {
     }
 
     pub fn start_daemon(&mut self) -> Result<()> {
-        banner("vhost-nic", "starting two NICs joined by a wire");
+        banner(
+            "vhost-nic",
+            &format!(
+                "starting two NICs (ports {} and {WIRE_PORT})",
+                self.cfg.local_port
+            ),
+        );
         let log =
             fs::File::create(self.run_dir.join("vhost-nic.log")).map_err(|e| LabError::Other {
                 step: "vhost-nic".into(),
@@ -113,17 +124,17 @@ impl Lab {
             step: "vhost-nic".into(),
             why: e.to_string(),
         })?;
-        let dev = |n: &str, mac: &str| {
+        let dev = |n: &str, mac: &str, port: &str| {
             format!(
-                "socket={},name={n},port=wire:lab,queues={QUEUE_PAIRS},mac={mac},mtu=9000",
+                "socket={},name={n},port={port},queues={QUEUE_PAIRS},mac={mac},mtu=9000",
                 self.sock(&format!("{n}.sock")).display()
             )
         };
         let child = Command::new(&self.cfg.vhost_nic)
             .arg("--device")
-            .arg(dev("nic0", LOCAL_MAC))
+            .arg(dev("nic0", LOCAL_MAC, &self.cfg.local_port))
             .arg("--device")
-            .arg(dev("nic1", REMOTE_MAC))
+            .arg(dev("nic1", REMOTE_MAC, WIRE_PORT))
             .arg("--stats-socket")
             .arg(self.sock("stats.sock"))
             .env(

@@ -84,6 +84,10 @@ fn prepare(args: &LabArgs) -> Result<Prepared> {
 }
 
 fn prepare_with(args: &LabArgs, extra_qemu_args: Vec<String>) -> Result<Prepared> {
+    prepare_lab(args, extra_qemu_args, lab::WIRE_PORT)
+}
+
+fn prepare_lab(args: &LabArgs, extra_qemu_args: Vec<String>, local_port: &str) -> Result<Prepared> {
     std::fs::create_dir_all(paths::logs_dir()).map_err(|e| LabError::Other {
         step: "setup".into(),
         why: format!("cannot create {}: {e}", paths::logs_dir().display()),
@@ -101,6 +105,7 @@ fn prepare_with(args: &LabArgs, extra_qemu_args: Vec<String>) -> Result<Prepared
         vhost_nic,
         verbose: args.verbose,
         extra_qemu_args,
+        local_port: local_port.to_string(),
     })?;
     lab.choose_accel(args.accel)?;
     Ok(Prepared { lab })
@@ -206,6 +211,7 @@ fn test(args: &LabArgs) -> Result<Tally> {
     let mut lab = p.lab;
     tally.add(daemon_killed_mid_transfer(&mut lab)?);
     drop(lab);
+    tally.add(tap_port_transfer(args)?);
     banner("e2e", "upstream kselftests in HW mode");
     tally.add(selftests(args, UPSTREAM_SELFTESTS)?);
     Ok(tally)
@@ -268,6 +274,93 @@ fn daemon_killed_mid_transfer(lab: &mut Lab) -> Result<Tally> {
 
 /// Where the guest mounts the installed kselftests (a read-only 9p share).
 const GUEST_KSELFTEST_DIR: &str = "/mnt/kselftest";
+
+/// The TAP port: the guest's first NIC is served through a host TAP device,
+/// which the test moves into a network namespace of its own (a test host on
+/// this machine); a checksummed transfer from the guest must arrive intact.
+fn tap_port_transfer(args: &LabArgs) -> Result<Tally> {
+    const NETNS: &str = "vnl-taphost";
+    const TAP: &str = "vnltap0";
+    const HOST_IP: &str = "192.0.2.99";
+    const PORT: &str = "5600";
+    const BYTES: &str = "67108864";
+    banner("e2e", "TAP port: guest -> host TAP in a test namespace");
+    let ip = |a: &[&str]| {
+        std::process::Command::new("ip")
+            .args(a)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    ip(&["netns", "del", NETNS]);
+    if !ip(&["netns", "add", NETNS]) {
+        return step::fail("tap", "cannot create a network namespace (needs root)");
+    }
+    struct Netns;
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", NETNS])
+                .status();
+        }
+    }
+    let _netns = Netns;
+    let p = prepare_lab(args, Vec::new(), &format!("tap:{TAP}"))?;
+    let cidr = format!("{HOST_IP}/24");
+    let ok = ip(&["link", "set", TAP, "netns", NETNS])
+        && ip(&["-n", NETNS, "addr", "add", &cidr, "dev", TAP])
+        && ip(&["-n", NETNS, "link", "set", TAP, "up"]);
+    if !ok {
+        return step::fail("tap", format!("cannot move {TAP} into namespace {NETNS}"));
+    }
+    let out = p.lab.run_dir.join("tap-recv.out");
+    let mut rx = std::process::Command::new("ip")
+        .args(["netns", "exec", NETNS, "python3"])
+        .arg(paths::repo_root().join("tests/vm/nettool.py"))
+        .args(["recv", PORT])
+        .arg(&out)
+        .env("NETTOOL_TIMEOUT", "300")
+        .spawn()
+        .map_err(|e| LabError::Other {
+            step: "tap".into(),
+            why: format!("cannot start the receiver: {e}"),
+        })?;
+    let script = format!(
+        "{}for i in $(seq 60); do ping -c 1 -W 1 {HOST_IP} >/dev/null && break; done\n\
+         echo \"tap-sent $(python3 nettool.py send {HOST_IP} {PORT} {BYTES})\"\n",
+        guest_prologue()
+    );
+    let run = p.lab.run_guest(&script, Duration::from_secs(900), false);
+    if !step::wait_until(Duration::from_secs(10), || {
+        matches!(rx.try_wait(), Ok(Some(_)))
+    }) {
+        let _ = rx.kill();
+    }
+    let _ = rx.wait();
+    let run = run?;
+    let sent = run
+        .output
+        .lines()
+        .find_map(|l| l.strip_prefix("tap-sent "))
+        .map(str::trim)
+        .unwrap_or("")
+        .to_string();
+    let got = std::fs::read_to_string(&out).unwrap_or_default();
+    let mut t = Tally::default();
+    t.check(
+        "tap_port_transfer_checksum",
+        !sent.is_empty() && got.trim() == sent,
+        || {
+            format!(
+                "sent `{sent}`, received `{}`; console: {}",
+                got.trim(),
+                run.console.display()
+            )
+        },
+    );
+    Ok(t)
+}
 
 /// Upstream kselftests `cargo xtask test` runs (the device-independent
 /// drivers/net ones the stock driver passes).
