@@ -34,7 +34,7 @@
 set -euo pipefail
 
 # Selftest targets (directories under tools/testing/selftests) to install.
-KSFT_TARGETS='net/lib drivers/net'
+KSFT_TARGETS='net/lib drivers/net drivers/net/hw'
 # To build them: clang for the BPF objects in net/lib, libelf/zlib for the
 # libbpf it links, rsync for `make install`, python3-yaml and
 # python3-jsonschema for the YNL code generator.
