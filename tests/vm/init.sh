@@ -19,9 +19,19 @@ ln -sf /proc/self/fd/2 /dev/stderr
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
-for d in /tmp /run /var/tmp /var/log /var/lib/dhcp /root /mnt; do
+# The repository (this script's tree) may live under a directory that gets
+# a tmpfs below (a clone in /tmp, say): keep it reachable at its own path.
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+mount -t tmpfs tmpfs /run
+mkdir -p /run/lab-repo
+mount --bind "$repo" /run/lab-repo
+for d in /tmp /var/tmp /var/log /var/lib/dhcp /root /mnt; do
     mount -t tmpfs tmpfs "$d" 2>/dev/null
 done
+if [ ! -d "$repo/tests/vm" ]; then
+    mkdir -p "$repo"
+    mount --bind /run/lab-repo "$repo"
+fi
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 mount -t hugetlbfs hugetlbfs /dev/hugepages 2>/dev/null || true
 mkdir -p /mnt/results
