@@ -362,9 +362,11 @@ fn tap_port_transfer(args: &LabArgs) -> Result<Tally> {
     Ok(t)
 }
 
-/// Upstream kselftests `cargo xtask test` runs (the device-independent
-/// drivers/net ones the stock driver passes).
-const UPSTREAM_SELFTESTS: &[&str] = &["drivers/net/ping.py", "drivers/net/stats.py"];
+/// Upstream kselftests `cargo xtask test` runs. drivers/net/ping.py passes
+/// too (`cargo xtask selftests drivers/net/ping.py`) but its native XDP
+/// multi-buffer case has timed out once in four TCG runs, so it stays out
+/// of the gating suite until that is understood.
+const UPSTREAM_SELFTESTS: &[&str] = &["drivers/net/stats.py"];
 
 fn selftests<S: AsRef<str>>(args: &LabArgs, tests: &[S]) -> Result<Tally> {
     let tests: Vec<String> = tests.iter().map(|t| t.as_ref().to_string()).collect();
