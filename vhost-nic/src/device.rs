@@ -251,15 +251,7 @@ impl NetDevice {
     /// What the guest accepts in received frames, for the sender to decide
     /// whether to complete checksums and segment in software.
     pub fn receive_offloads(&self) -> PeerOffloads {
-        let o = self.control().guest_offloads;
-        let on = |b: u32| o & bit(b) != 0;
-        PeerOffloads {
-            csum: on(VIRTIO_NET_F_GUEST_CSUM),
-            tso4: on(VIRTIO_NET_F_GUEST_TSO4),
-            tso6: on(VIRTIO_NET_F_GUEST_TSO6),
-            tso_ecn: on(VIRTIO_NET_F_GUEST_ECN),
-            uso: on(VIRTIO_NET_F_GUEST_USO4) && on(VIRTIO_NET_F_GUEST_USO6),
-        }
+        PeerOffloads::from_guest_features(self.control().guest_offloads)
     }
 
     /// Receive steering for one frame arriving from the port: receive
@@ -333,7 +325,9 @@ impl NetDevice {
             }
         }
         let q = queue.unwrap_or(0);
-        let peer = self.receive_offloads();
+        // From the guard already held: a second read lock here could wait
+        // behind a queued writer (the control thread) and never return.
+        let peer = PeerOffloads::from_guest_features(control.guest_offloads);
         drop(control);
         let Some(backlog) = self.backlogs.get(usize::from(q)) else {
             q0.rx_drops.count(DropReason::QueueDisabled);

@@ -13,6 +13,7 @@ use log::{debug, warn};
 use super::{Port, WakeMask};
 use crate::device::{NetDevice, Steered, MAX_FRAME, RX_BACKLOG_PACKETS};
 use crate::hdr::{VirtioNetHdr, HDR_LEN};
+use crate::offload::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_USO4, TUN_F_USO6};
 use crate::spec::*;
 use crate::stats::DropReason;
 
@@ -23,12 +24,6 @@ const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
-const TUN_F_CSUM: libc::c_uint = 0x01;
-const TUN_F_TSO4: libc::c_uint = 0x02;
-const TUN_F_TSO6: libc::c_uint = 0x04;
-const TUN_F_TSO_ECN: libc::c_uint = 0x08;
-const TUN_F_USO4: libc::c_uint = 0x20;
-const TUN_F_USO6: libc::c_uint = 0x40;
 /// Frames read per wakeup, so one busy tap cannot starve its worker.
 const RX_BUDGET: usize = 64;
 
