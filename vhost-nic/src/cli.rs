@@ -41,8 +41,12 @@ pub struct Cli {
     /// Do not offer the header split extension.
     #[arg(long)]
     pub no_split_header: bool,
+    /// Do not offer RSS contexts.
+    #[arg(long)]
+    pub no_rss_contexts: bool,
     /// A device as KEY=VALUE,... with keys socket (required), port, queues, mac, mtu,
-    /// queue-size, pairs-per-thread, admin-vq (on/off), split-header (on/off). Repeatable.
+    /// queue-size, pairs-per-thread, admin-vq (on/off), split-header (on/off),
+    /// rss-contexts (on/off). Repeatable.
     #[arg(long)]
     pub device: Vec<String>,
     /// UNIX socket answering `stats` with all counters as JSON.
@@ -95,6 +99,7 @@ impl Cli {
             pairs_per_thread: self.pairs_per_thread,
             admin_vq: !self.no_admin_vq,
             split_header: !self.no_split_header,
+            rss_contexts: !self.no_rss_contexts,
         })
     }
 
@@ -147,6 +152,10 @@ impl Cli {
                         o.split_header =
                             on_off(v).ok_or_else(|| bad(format!("{k}: expected on or off")))?
                     }
+                    "rss-contexts" => {
+                        o.rss_contexts =
+                            on_off(v).ok_or_else(|| bad(format!("{k}: expected on or off")))?
+                    }
                     _ => return Err(bad(format!("unknown key `{k}`"))),
                 }
             }
@@ -192,6 +201,30 @@ mod tests {
         assert_ne!(d[0].mac, d[1].mac);
         assert_eq!(d[1].queue_pairs, 2);
         assert!(!d[1].admin_vq);
+    }
+
+    #[test]
+    fn rss_contexts_on_by_default() {
+        let d = cli(&["--socket", "/tmp/s"]).devices().unwrap();
+        assert!(d[0].rss_contexts);
+        let d = cli(&["--socket", "/tmp/s", "--no-rss-contexts"])
+            .devices()
+            .unwrap();
+        assert!(!d[0].rss_contexts);
+        let d = cli(&[
+            "--device",
+            "socket=/tmp/a,rss-contexts=off",
+            "--device",
+            "socket=/tmp/b",
+        ])
+        .devices()
+        .unwrap();
+        assert!(!d[0].rss_contexts && d[1].rss_contexts);
+        let e = cli(&["--device", "socket=/a,rss-contexts=maybe"])
+            .devices()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expected on or off"), "{e}");
     }
 
     #[test]

@@ -1,12 +1,17 @@
 //! The control virtqueue: receive filtering, MAC addresses, multiqueue and
-//! RSS configuration, guest offloads, and the header split extension.
+//! RSS configuration, RSS contexts, guest offloads, and the header split
+//! extension.
 //!
 //! Commands arrive from the guest as `class, command, data`; the device
-//! answers with one ack byte. Anything malformed gets VIRTIO_NET_ERR and
-//! leaves the state unchanged.
+//! answers with one ack byte, preceded by command-specific reply data for
+//! the few commands that have some. Anything malformed gets VIRTIO_NET_ERR
+//! and leaves the state unchanged.
 
-use crate::config::{MacAddr, MAX_QUEUE_PAIRS, RSS_MAX_INDIRECTION_LEN, RSS_MAX_KEY_SIZE};
+use crate::config::{
+    MacAddr, MAX_QUEUE_PAIRS, RSS_MAX_CONTEXTS, RSS_MAX_INDIRECTION_LEN, RSS_MAX_KEY_SIZE,
+};
 use crate::rss::{self, HashConfig, RssConfig, RssLimits};
+use crate::rss_ctx::{self, RssContexts, RssCtxLimits};
 use crate::rx::SplitParams;
 use crate::spec::*;
 
@@ -35,6 +40,8 @@ pub struct ControlState {
     /// VIRTIO_NET_F_GUEST_* offloads currently enabled.
     pub guest_offloads: u64,
     pub split: Option<SplitParams>,
+    /// RSS contexts besides the default configuration (VIRTNET_RSS_CTX_CTRL).
+    pub rss_contexts: RssContexts,
 }
 
 impl ControlState {
@@ -56,6 +63,7 @@ impl ControlState {
             hash_only: None,
             guest_offloads,
             split: None,
+            rss_contexts: RssContexts::default(),
         }
     }
 
@@ -103,16 +111,74 @@ pub const GUEST_OFFLOAD_BITS: u64 = bit(VIRTIO_NET_F_GUEST_CSUM)
     | bit(VIRTIO_NET_F_GUEST_USO6);
 
 /// Executes one control command (`class`, `command`, `data`), returning the
-/// ack byte (VIRTIO_NET_OK or VIRTIO_NET_ERR).
+/// ack byte (VIRTIO_NET_OK or VIRTIO_NET_ERR). For commands without reply
+/// data.
 pub fn handle_command(state: &mut ControlState, limits: &CtrlLimits, request: &[u8]) -> u8 {
-    let ok = match request {
-        [class, command, data @ ..] => execute(state, limits, *class, *command, data).is_some(),
-        _ => false,
+    let reply = handle_command_reply(state, limits, request, 1);
+    reply.last().copied().unwrap_or(VIRTIO_NET_ERR as u8)
+}
+
+/// Executes one control command (`class`, `command`, `data`) whose chain
+/// has `room` device-writable bytes, and returns what the device writes
+/// there: the command-specific reply followed by the ack byte (on failure
+/// zeroes in place of the reply, then VIRTIO_NET_ERR).
+pub fn handle_command_reply(
+    state: &mut ControlState,
+    limits: &CtrlLimits,
+    request: &[u8],
+    room: usize,
+) -> Vec<u8> {
+    let f = limits.features;
+    let reply = match request {
+        [class, command, data @ ..]
+            if *class == VIRTNET_RSS_CTX_CTRL
+                && has(f, VIRTIO_NET_F_RSS_CONTEXT_ALIAS)
+                && has(f, VIRTIO_NET_F_RSS) =>
+        {
+            let ctx_limits = RssCtxLimits {
+                max_contexts: RSS_MAX_CONTEXTS,
+                rss: rss_limits(limits),
+                active_pairs: state.active_pairs,
+            };
+            rss_ctx::execute(&mut state.rss_contexts, &ctx_limits, *command, data, room)
+                .map_err(|e| log::debug!("RSS context command {command}: {e}"))
+                .ok()
+        }
+        [class, command, data @ ..] => {
+            execute(state, limits, *class, *command, data).map(|()| Vec::new())
+        }
+        _ => None,
     };
-    if ok {
-        VIRTIO_NET_OK as u8
-    } else {
-        VIRTIO_NET_ERR as u8
+    match reply {
+        Some(mut data) => {
+            data.push(VIRTIO_NET_OK as u8);
+            data
+        }
+        None => {
+            // The ack follows the space of the command-specific reply, as
+            // far as the chain has room for it.
+            let skip = reply_len(request).min(room.saturating_sub(1));
+            let mut v = vec![0; skip];
+            v.push(VIRTIO_NET_ERR as u8);
+            v
+        }
+    }
+}
+
+/// Length of the command-specific reply that precedes the ack.
+fn reply_len(request: &[u8]) -> usize {
+    match request {
+        [VIRTNET_RSS_CTX_CTRL, VIRTNET_RSS_CTX_CTRL_CAP_GET, ..] => 2,
+        _ => 0,
+    }
+}
+
+fn rss_limits(limits: &CtrlLimits) -> RssLimits {
+    RssLimits {
+        max_key_size: RSS_MAX_KEY_SIZE,
+        max_indirection_len: RSS_MAX_INDIRECTION_LEN,
+        supported_hash_types: crate::config::SUPPORTED_HASH_TYPES,
+        num_queue_pairs: limits.max_pairs,
     }
 }
 
@@ -227,16 +293,17 @@ fn mq_command(
     data: &[u8],
 ) -> Option<()> {
     let f = limits.features;
-    let rss_limits = RssLimits {
-        max_key_size: RSS_MAX_KEY_SIZE,
-        max_indirection_len: RSS_MAX_INDIRECTION_LEN,
-        supported_hash_types: crate::config::SUPPORTED_HASH_TYPES,
-        num_queue_pairs: limits.max_pairs,
-    };
+    let rss_limits = rss_limits(limits);
     match u32::from(command) {
         VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET if has(f, VIRTIO_NET_F_MQ) => {
             let pairs = u16::from_le_bytes(data.try_into().ok()?);
             if pairs == 0 || pairs > limits.max_pairs || pairs > MAX_QUEUE_PAIRS {
+                return None;
+            }
+            // "The driver MUST NOT send the command
+            // VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET when the device has
+            // successfully configured at least one RSS context."
+            if !state.rss_contexts.is_empty() {
                 return None;
             }
             state.active_pairs = pairs;

@@ -587,7 +587,7 @@ impl NetDevice {
     /// Executes every request on the control queue.
     pub fn process_ctrl<Q: QueueT>(&self, queue: &mut Q, buf: &mut ChainBuf) -> bool {
         let stats = (&self.stats.ctrl_commands, &self.stats.ctrl_errors);
-        self.serve_commands(queue, buf, "control", stats, |request, _room| {
+        self.serve_commands(queue, buf, "control", stats, |request, room| {
             let limits = CtrlLimits {
                 max_pairs: self.opts.queue_pairs,
                 features: self.acked_features(),
@@ -595,13 +595,15 @@ impl NetDevice {
             };
             let mut c = self.control.write().unwrap_or_else(|e| e.into_inner());
             let before = c.guest_offloads;
-            let ack = ctrl::handle_command(&mut c, &limits, request);
+            let reply = ctrl::handle_command_reply(&mut c, &limits, request, room);
+            let ok = reply.last() == Some(&(VIRTIO_NET_OK as u8));
+            self.stats.count_ctrl_class(request, ok);
             if c.guest_offloads != before {
                 if let Some(port) = self.port.get() {
                     port.guest_offloads_changed(self, c.guest_offloads);
                 }
             }
-            (vec![ack], ack == VIRTIO_NET_OK as u8)
+            (reply, ok)
         })
     }
 

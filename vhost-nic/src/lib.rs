@@ -3,7 +3,8 @@
 //!
 //! Layout: `device` is the NIC model and `backend` its vhost-user glue;
 //! `ctrl` and `admin` execute control and admin queue commands; `rss`,
-//! `flow_filter` steer received frames; `rx` writes them into receive
+//! `flow_filter` steer received frames (`rss_ctx` keeps the additional RSS
+//! contexts); `rx` writes them into receive
 //! chains (header split included), `chain` validates descriptor chains and
 //! `memory` tells RAM from device memory; `offload` does checksums and
 //! segmentation in software; `port` holds the wire and TAP ends;
@@ -25,6 +26,7 @@ pub mod packet;
 pub mod port;
 pub mod request;
 pub mod rss;
+pub mod rss_ctx;
 pub mod rx;
 pub mod spec;
 pub mod stats;

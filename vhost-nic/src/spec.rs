@@ -16,6 +16,17 @@ pub const VIRTIO_NET_F_SPLIT_HEADER: u32 = 58;
 pub const VIRTIO_NET_CTRL_SPLIT_HEADER: u8 = 0x40;
 pub const VIRTIO_NET_CTRL_SPLIT_HEADER_SET: u8 = 0;
 
+/// RSS contexts (virtio 1.4 "RSS Context"). The spec's feature bit,
+/// VIRTIO_NET_F_RSS_CONTEXT (64), cannot be negotiated through vhost-user's
+/// 64-bit feature word; the device offers the same facility under an alias
+/// bit unassigned by virtio 1.4 and Linux. Class and commands are the spec's.
+pub const VIRTIO_NET_F_RSS_CONTEXT_ALIAS: u32 = 4;
+pub const VIRTNET_RSS_CTX_CTRL: u8 = 9;
+pub const VIRTNET_RSS_CTX_CTRL_CAP_GET: u8 = 0;
+pub const VIRTNET_RSS_CTX_CTRL_ADD: u8 = 1;
+pub const VIRTNET_RSS_CTX_CTRL_MOD: u8 = 2;
+pub const VIRTNET_RSS_CTX_CTRL_DEL: u8 = 3;
+
 /// Offsets into struct virtio_net_config.
 pub const CFG_MAC: usize = 0;
 pub const CFG_STATUS: usize = 6;

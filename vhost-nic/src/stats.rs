@@ -135,10 +135,26 @@ pub struct QueueStats {
 pub struct DeviceStats {
     pub ctrl_commands: Counter,
     pub ctrl_errors: Counter,
+    /// RSS context commands (VIRTNET_RSS_CTX_CTRL), included in the above.
+    pub rss_ctx_commands: Counter,
+    pub rss_ctx_errors: Counter,
     pub admin_commands: Counter,
     pub admin_errors: Counter,
     pub config_writes_rejected: Counter,
     pub memory_updates: Counter,
+}
+
+impl DeviceStats {
+    /// Counts a control command by class, beyond `ctrl_commands` and
+    /// `ctrl_errors`.
+    pub fn count_ctrl_class(&self, request: &[u8], ok: bool) {
+        if request.first() == Some(&crate::spec::VIRTNET_RSS_CTX_CTRL) {
+            self.rss_ctx_commands.inc();
+            if !ok {
+                self.rss_ctx_errors.inc();
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -157,5 +173,15 @@ mod tests {
         assert_eq!(d.total(), 45);
         let json = serde_json::to_value(&d).unwrap();
         assert_eq!(json["bad_chain"], 1);
+    }
+
+    #[test]
+    fn rss_context_commands_counted() {
+        let d = DeviceStats::default();
+        d.count_ctrl_class(&[crate::spec::VIRTNET_RSS_CTX_CTRL, 1], true);
+        d.count_ctrl_class(&[crate::spec::VIRTNET_RSS_CTX_CTRL, 3], false);
+        d.count_ctrl_class(&[4, 1], false);
+        d.count_ctrl_class(&[], false);
+        assert_eq!((d.rss_ctx_commands.get(), d.rss_ctx_errors.get()), (2, 1));
     }
 }

@@ -9,8 +9,8 @@
 use std::sync::Arc;
 
 use vhost_nic::admin::*;
-use vhost_nic::config::{DeviceOptions, MacAddr, PortSpec};
-use vhost_nic::ctrl::{handle_command, ControlState, CtrlLimits, GUEST_OFFLOAD_BITS};
+use vhost_nic::config::{DeviceOptions, MacAddr, PortSpec, RSS_MAX_CONTEXTS};
+use vhost_nic::ctrl::{handle_command_reply, ControlState, CtrlLimits, GUEST_OFFLOAD_BITS};
 use vhost_nic::device::NetDevice;
 use vhost_nic::flow_filter::{FfAction, FfLimits, FlowFilter, VqIndexEncoding};
 use vhost_nic::hdr::{VirtioNetHdr, HDR_LEN};
@@ -64,6 +64,7 @@ fn options() -> DeviceOptions {
         pairs_per_thread: 1,
         admin_vq: true,
         split_header: true,
+        rss_contexts: true,
     }
 }
 
@@ -145,7 +146,8 @@ fn sample_frames() -> Vec<Vec<u8>> {
 }
 
 /// Control commands against a fully negotiated feature set. Input: records
-/// of `class, command, data`.
+/// of `class, command, data`; each command has room for a 2-byte reply
+/// (the RSS context capability) and the ack.
 pub fn ctrl_command(data: &[u8]) -> Reached {
     let mut reached = Reached::default();
     let opts = options();
@@ -159,8 +161,11 @@ pub fn ctrl_command(data: &[u8]) -> Reached {
     let frames = sample_frames();
     for cmd in records(data) {
         let before = format!("{state:?}");
-        let ack = handle_command(&mut state, &limits, cmd);
+        let reply = handle_command_reply(&mut state, &limits, cmd, 3);
+        assert!((1..=3).contains(&reply.len()), "reply {reply:?}");
+        let ack = reply[reply.len() - 1];
         if ack == VIRTIO_NET_ERR as u8 {
+            assert!(reply[..reply.len() - 1].iter().all(|&b| b == 0));
             assert_eq!(
                 before,
                 format!("{state:?}"),
@@ -175,6 +180,18 @@ pub fn ctrl_command(data: &[u8]) -> Reached {
         assert_eq!(state.mac.0[0] & 1, 0, "multicast MAC accepted");
         if let Some(sp) = &state.split {
             assert_eq!(sp.hdr_buf_len, usize::from(SPLIT_HEADER_BUF_LEN));
+        }
+        assert!(state.rss_contexts.len() <= usize::from(RSS_MAX_CONTEXTS));
+        for (id, ctx) in state.rss_contexts.iter() {
+            assert!((1..=RSS_MAX_CONTEXTS).contains(&id));
+            assert!(ctx
+                .indirection_table()
+                .iter()
+                .all(|&q| q < limits.max_pairs));
+            assert!(ctx.indirection_table().len().is_power_of_two());
+            for f in &frames {
+                assert!(ctx.select_queue(&parse(f)).queue < limits.max_pairs);
+            }
         }
         for f in &frames {
             let p = parse(f);

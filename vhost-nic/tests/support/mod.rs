@@ -79,6 +79,7 @@ pub fn options(name: &str, mac: [u8; 6]) -> DeviceOptions {
         pairs_per_thread: 1,
         admin_vq: true,
         split_header: true,
+        rss_contexts: true,
     }
 }
 
