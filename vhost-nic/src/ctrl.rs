@@ -3,8 +3,8 @@
 //! extension.
 //!
 //! Commands arrive from the guest as `class, command, data`; the device
-//! answers with one ack byte, preceded by command-specific reply data for
-//! the few commands that have some. Anything malformed gets VIRTIO_NET_ERR
+//! answers with one ack byte, followed by a command-specific result for
+//! the few commands that have one. Anything malformed gets VIRTIO_NET_ERR
 //! and leaves the state unchanged.
 
 use crate::config::{
@@ -120,8 +120,9 @@ pub fn handle_command(state: &mut ControlState, limits: &CtrlLimits, request: &[
 
 /// Executes one control command (`class`, `command`, `data`) whose chain
 /// has `room` device-writable bytes, and returns what the device writes
-/// there: the command-specific reply followed by the ack byte (on failure
-/// zeroes in place of the reply, then VIRTIO_NET_ERR).
+/// there: the ack byte, then the command-specific result if the command has
+/// one and succeeded (`struct virtio_net_ctrl`: `ack` is followed by
+/// `command-specific-result`).
 pub fn handle_command_reply(
     state: &mut ControlState,
     limits: &CtrlLimits,
@@ -150,26 +151,13 @@ pub fn handle_command_reply(
         _ => None,
     };
     match reply {
-        Some(mut data) => {
-            data.push(VIRTIO_NET_OK as u8);
-            data
-        }
-        None => {
-            // The ack follows the space of the command-specific reply, as
-            // far as the chain has room for it.
-            let skip = reply_len(request).min(room.saturating_sub(1));
-            let mut v = vec![0; skip];
-            v.push(VIRTIO_NET_ERR as u8);
+        Some(result) => {
+            let mut v = Vec::with_capacity(1 + result.len());
+            v.push(VIRTIO_NET_OK as u8);
+            v.extend(result);
             v
         }
-    }
-}
-
-/// Length of the command-specific reply that precedes the ack.
-fn reply_len(request: &[u8]) -> usize {
-    match request {
-        [VIRTNET_RSS_CTX_CTRL, VIRTNET_RSS_CTX_CTRL_CAP_GET, ..] => 2,
-        _ => 0,
+        None => vec![VIRTIO_NET_ERR as u8],
     }
 }
 

@@ -124,9 +124,9 @@ pub fn parse_add_modify(
 }
 
 /// Executes one VIRTNET_RSS_CTX_CTRL command. `room` is the device-writable
-/// space of the command, ack included. Returns the command-specific reply
-/// (`struct virtnet_rss_ctx_cap` for CAP_GET, nothing otherwise); on error
-/// the contexts are unchanged.
+/// space of the command, ack included. Returns the command-specific result
+/// that follows the ack (`struct virtnet_rss_ctx_cap` for CAP_GET, nothing
+/// otherwise); on error the contexts are unchanged.
 pub fn execute(
     contexts: &mut RssContexts,
     limits: &RssCtxLimits,
@@ -143,8 +143,8 @@ pub fn execute(
                 });
             }
             let reply = limits.max_contexts.to_le_bytes().to_vec();
-            // The reply and the ack byte after it.
-            if room < reply.len() + 1 {
+            // The ack byte, then the result.
+            if room < 1 + reply.len() {
                 return Err(RssCtxError::NoReplyRoom(reply.len()));
             }
             Ok(reply)

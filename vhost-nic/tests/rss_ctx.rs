@@ -54,16 +54,16 @@ fn nic(features: u64) -> Nic {
     nic
 }
 
-/// VIRTNET_RSS_CTX_CTRL_CAP_GET with Linux's layout: header, then the
-/// device-writable `virtnet_rss_ctx_cap` and ack in separate descriptors.
+/// VIRTNET_RSS_CTX_CTRL_CAP_GET with Linux's layout: header, then the ack
+/// and the device-writable `virtnet_rss_ctx_cap` in separate descriptors.
 /// Returns (max_rss_contexts as written, ack, used length).
 fn cap_get(nic: &mut Nic) -> (u16, u8, u32) {
     let hdr = nic.place(&[CTX, CAP_GET]);
-    let cap = nic.alloc(2);
-    nic.write(cap, &[0xee, 0xee]);
     let ack = nic.alloc(1);
     nic.write(ack, &[0xee]);
-    let used = nic.ctrl_chain(&[(hdr, 2, 0), (cap, 2, W), (ack, 1, W)]);
+    let cap = nic.alloc(2);
+    nic.write(cap, &[0xee, 0xee]);
+    let used = nic.ctrl_chain(&[(hdr, 2, 0), (ack, 1, W), (cap, 2, W)]);
     let c = nic.read(cap, 2);
     (u16::from_le_bytes([c[0], c[1]]), nic.read(ack, 1)[0], used)
 }
