@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
 
 use log::{debug, warn};
+use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -72,6 +73,10 @@ pub struct NetDevice {
     control: RwLock<ControlState>,
     admin: RwLock<AdminDevice>,
     link_up: AtomicBool,
+    /// Vrings the frontend enabled (VHOST_USER_SET_VRING_ENABLE), one bit
+    /// per vring index. Without a control queue this is how the driver's
+    /// queue pair count reaches the device.
+    vrings_enabled: AtomicU64,
     backlogs: Vec<RxBacklog>,
     port: OnceLock<Arc<dyn Port>>,
     /// Key used for automatic steering before the driver configures RSS.
@@ -99,6 +104,7 @@ impl NetDevice {
             control: RwLock::new(ControlState::new(opts.mac, 0)),
             admin: RwLock::new(AdminDevice::new(crate::flow_filter::FfLimits::default())),
             link_up: AtomicBool::new(true),
+            vrings_enabled: AtomicU64::new(0),
             backlogs,
             port: OnceLock::new(),
             default_rss_key: rss::ToeplitzKey::new(&DEFAULT_RSS_KEY)
@@ -146,11 +152,61 @@ impl NetDevice {
         let features = features & self.offered;
         self.reset();
         self.acked.store(features, Ordering::Release);
+        // Without PROTOCOL_FEATURES the frontend never enables rings: the
+        // backend enables them all now (vhost-user "ring states").
+        if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+            self.vrings_enabled.store(u64::MAX, Ordering::Release);
+        }
         let mut c = self.control.write().unwrap_or_else(|e| e.into_inner());
         c.guest_offloads = features & GUEST_OFFLOAD_BITS;
         if let Some(port) = self.port.get() {
             port.guest_offloads_changed(self, c.guest_offloads);
         }
+    }
+
+    /// The frontend enabled or disabled vring `index`.
+    pub fn set_vring_enabled(&self, index: u32, enabled: bool) {
+        let Some(b) = 1u64.checked_shl(index) else {
+            return;
+        };
+        if enabled {
+            self.vrings_enabled.fetch_or(b, Ordering::AcqRel);
+        } else {
+            self.vrings_enabled.fetch_and(!b, Ordering::AcqRel);
+        }
+        debug!("{}: vring {index} enabled: {enabled}", self.opts.name);
+    }
+
+    /// A new frontend connection: every vring starts disabled.
+    pub fn clear_vring_states(&self) {
+        self.vrings_enabled.store(0, Ordering::Release);
+    }
+
+    /// Queue pairs whose receive vring is enabled, one bit per pair.
+    pub fn enabled_rx_pairs(&self) -> u32 {
+        let rings = self.vrings_enabled.load(Ordering::Acquire);
+        (0..self.opts.queue_pairs)
+            .filter(|&p| rings & (1u64 << rx_index(p)) != 0)
+            .fold(0u32, |m, p| m | (1 << p))
+    }
+
+    /// The receive queue for a frame with `hash` when nothing else steers
+    /// it. With a control queue the driver said how many pairs it uses;
+    /// without one (stock QEMU's virtio-net-pci keeps the control queue and
+    /// turns `ethtool -L` into ring enables) the enabled receive rings are
+    /// the pairs in use.
+    fn automatic_queue(&self, hash: u32, control: &ControlState) -> u16 {
+        if self.has_feature(VIRTIO_NET_F_CTRL_VQ) {
+            return (hash % u32::from(control.active_pairs.max(1))) as u16;
+        }
+        let mut pairs = self.enabled_rx_pairs();
+        if pairs == 0 {
+            return 0;
+        }
+        for _ in 0..hash % pairs.count_ones() {
+            pairs &= pairs - 1;
+        }
+        pairs.trailing_zeros() as u16
     }
 
     pub fn set_event_idx(&self, enabled: bool) {
@@ -277,7 +333,6 @@ impl NetDevice {
             q0.rx_drops.count(DropReason::MacFilter);
             return Steered::Dropped(DropReason::MacFilter);
         }
-        let active = control.active_pairs.max(1);
         let mut hdr_out = VirtioNetHdr {
             num_buffers: 0,
             hash_value: 0,
@@ -321,7 +376,7 @@ impl NetDevice {
                     &parsed,
                 )
                 .map_or(0, |(h, _)| h);
-                queue = Some((hash % u32::from(active)) as u16);
+                queue = Some(self.automatic_queue(hash, &control));
             }
         }
         let q = queue.unwrap_or(0);
