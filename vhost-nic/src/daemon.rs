@@ -3,19 +3,21 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use log::{error, info, warn};
+use log::{info, warn};
+use vhost::vhost_user::Error as VhostUserError;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::NetBackend;
 use crate::config::{DeviceOptions, OptionError, PortSpec};
 use crate::device::NetDevice;
+use crate::frontend_relay::{self, RelayError};
 use crate::port::tap::{TapError, TapPort};
 use crate::port::wire::Wire;
 
@@ -29,6 +31,8 @@ pub enum DaemonError {
     DuplicateSocket(PathBuf),
     #[error("cannot create device {name}: {err}")]
     Device { name: String, err: std::io::Error },
+    #[error("cannot listen on vhost-user socket {path}: {err}")]
+    Socket { path: PathBuf, err: std::io::Error },
     #[error("cannot bind stats socket {path}: {err}")]
     StatsSocket { path: PathBuf, err: std::io::Error },
 }
@@ -108,32 +112,90 @@ impl Devices {
     }
 }
 
+/// Why one frontend connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("cannot start the vhost-user backend: {0}")]
+    Start(vhost_user_backend::Error),
+    #[error("{0}")]
+    Backend(vhost_user_backend::Error),
+    #[error("cannot register event listeners: {0}")]
+    Listeners(std::io::Error),
+    #[error(transparent)]
+    Relay(#[from] RelayError),
+}
+
 /// Serves one device's socket until `stop` is set: each frontend connection
 /// gets fresh worker threads; a disconnect resets the device and waits for
 /// the next connection (QEMU restarts, guest reboots keep the daemon).
-fn serve_device(backend: Arc<NetBackend>, stop: Arc<AtomicBool>) {
+fn serve_device(backend: Arc<NetBackend>, listener: UnixListener, stop: Arc<AtomicBool>) {
     let name = backend.device().opts.name.clone();
     let socket = backend.device().opts.socket.clone();
     while !stop.load(Ordering::Acquire) {
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut daemon = match VhostUserDaemon::new(name.clone(), backend.clone(), mem) {
-            Ok(d) => d,
+        info!("{name}: waiting for a frontend on {}", socket.display());
+        let frontend = match listener.accept() {
+            Ok((s, _)) => s,
             Err(e) => {
-                error!("{name}: cannot start vhost-user daemon: {e}");
-                return;
+                warn!("{name}: accept: {e}");
+                // Out of descriptors, say: do not spin.
+                thread::sleep(std::time::Duration::from_millis(100));
+                continue;
             }
         };
-        if let Err(e) = backend.register_listeners(&daemon.get_epoll_handlers()) {
-            error!("{name}: cannot register event listeners: {e}");
-            return;
-        }
-        info!("{name}: waiting for a frontend on {}", socket.display());
-        match daemon.serve(&socket) {
+        backend.device().clear_vring_states();
+        match serve_connection(&backend, frontend) {
             Ok(()) => info!("{name}: frontend disconnected"),
             Err(e) => warn!("{name}: connection ended: {e}"),
         }
         backend.device().reset();
+        backend.device().clear_vring_states();
     }
+}
+
+/// One frontend connection: a fresh vhost-user backend (worker threads
+/// included) behind the front-end relay, until either side closes.
+fn serve_connection(backend: &Arc<NetBackend>, frontend: UnixStream) -> Result<(), SessionError> {
+    let dev = backend.device().clone();
+    let name = dev.opts.name.clone();
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mut daemon =
+        VhostUserDaemon::new(name.clone(), backend.clone(), mem).map_err(SessionError::Start)?;
+    let handlers = daemon.get_epoll_handlers();
+    let result = (|| {
+        backend
+            .register_listeners(&handlers)
+            .map_err(SessionError::Listeners)?;
+        let (mut listener, relay_end) = frontend_relay::backend_channel()?;
+        daemon.start(&mut listener).map_err(SessionError::Start)?;
+        if let Err(e) = frontend_relay::check_sole_connection(&listener) {
+            daemon.request_shutdown();
+            let _ = daemon.wait();
+            return Err(e.into());
+        }
+        drop(listener);
+        let relayed = frontend_relay::run(
+            &name,
+            frontend,
+            relay_end,
+            dev.opts.num_queues(),
+            |index, enabled| dev.set_vring_enabled(index, enabled),
+        );
+        // The relay closed the backend's connection: its thread ends now.
+        let served = daemon.wait();
+        relayed?;
+        match served {
+            // A frontend that leaves mid-message is a normal end too.
+            Err(vhost_user_backend::Error::HandleRequest(
+                VhostUserError::Disconnected | VhostUserError::PartialMessage,
+            )) => Ok(()),
+            other => other.map_err(SessionError::Backend),
+        }
+    })();
+    // The worker threads of this connection's backend exit.
+    for h in &handlers {
+        h.send_exit_event();
+    }
+    result
 }
 
 /// Answers each connection on the stats socket: a request line (`stats`,
@@ -169,7 +231,19 @@ pub fn run(opts: Vec<DeviceOptions>, stats_socket: Option<&Path>) -> Result<(), 
         let d = devices.clone();
         thread::spawn(move || serve_stats(listener, d));
     }
+    // Every socket is bound before any is served, so a bad path fails the
+    // start instead of leaving one device silently unserved.
+    let mut listeners = Vec::new();
     for b in &devices.backends {
+        let path = &b.device().opts.socket;
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).map_err(|err| DaemonError::Socket {
+            path: path.clone(),
+            err,
+        })?;
+        listeners.push(listener);
+    }
+    for (b, listener) in devices.backends.iter().zip(listeners) {
         info!(
             "{}: {} queue pairs, mac {}, port {}, socket {}",
             b.device().opts.name,
@@ -179,7 +253,7 @@ pub fn run(opts: Vec<DeviceOptions>, stats_socket: Option<&Path>) -> Result<(), 
             b.device().opts.socket.display()
         );
         let (b, s) = (b.clone(), stop.clone());
-        thread::spawn(move || serve_device(b, s));
+        thread::spawn(move || serve_device(b, listener, s));
     }
     let signals = Mutex::new(
         signal_hook::iterator::Signals::new([

@@ -8,7 +8,9 @@
 //! chains (header split included), `chain` validates descriptor chains and
 //! `memory` tells RAM from device memory; `offload` does checksums and
 //! segmentation in software; `port` holds the wire and TAP ends;
-//! `daemon` and `cli` run it all.
+//! `daemon` and `cli` run it all, with `frontend_relay` between QEMU and
+//! the vhost-user machinery (it holds back the ring enables stock QEMU
+//! sends before the features are set).
 
 pub mod admin;
 pub mod backend;
@@ -19,6 +21,7 @@ pub mod ctrl;
 pub mod daemon;
 pub mod device;
 pub mod flow_filter;
+pub mod frontend_relay;
 pub mod hdr;
 pub mod memory;
 pub mod offload;

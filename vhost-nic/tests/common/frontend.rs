@@ -3,6 +3,7 @@
 //! commands).
 
 use std::collections::BTreeMap;
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -65,6 +66,60 @@ pub fn driver_features() -> u64 {
         VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
         |f, &b| f | (1u64 << b),
     )
+}
+
+/// What stock QEMU's `-netdev vhost-user` acks for a virtio-net-pci
+/// device: its list of ring and offload bits (no CTRL_VQ, MAC, STATUS:
+/// QEMU keeps the control queue and the config space) plus
+/// PROTOCOL_FEATURES. No EVENT_IDX, as for [`driver_features`].
+pub fn stock_qemu_features() -> u64 {
+    [
+        VIRTIO_F_VERSION_1,
+        VIRTIO_NET_F_MRG_RXBUF,
+        VIRTIO_NET_F_MQ,
+        VIRTIO_NET_F_MTU,
+        VIRTIO_NET_F_CSUM,
+        VIRTIO_NET_F_GUEST_CSUM,
+    ]
+    .iter()
+    .fold(
+        VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+        |f, &b| f | (1u64 << b),
+    )
+}
+
+// vhost-user wire format, for messages the `vhost` frontend will not send.
+pub const VHOST_USER_SET_VRING_ENABLE: u32 = 18;
+pub const VHOST_USER_VERSION: u32 = 0x1;
+pub const VHOST_USER_REPLY: u32 = 0x4;
+pub const VHOST_USER_NEED_REPLY: u32 = 0x8;
+
+/// One vhost-user message: header (request, flags, size) and payload.
+pub fn raw_message(request: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
+    let mut m = Vec::new();
+    m.extend_from_slice(&request.to_ne_bytes());
+    m.extend_from_slice(&flags.to_ne_bytes());
+    m.extend_from_slice(&(payload.len() as u32).to_ne_bytes());
+    m.extend_from_slice(payload);
+    m
+}
+
+/// SET_VRING_ENABLE with NEED_REPLY, written to `sock` directly (the
+/// `vhost` frontend refuses it before SET_FEATURES); returns the ack value.
+pub fn raw_vring_enable(sock: &mut UnixStream, index: usize, enable: bool) -> u64 {
+    let mut payload = (index as u32).to_ne_bytes().to_vec();
+    payload.extend_from_slice(&u32::from(enable).to_ne_bytes());
+    let flags = VHOST_USER_VERSION | VHOST_USER_NEED_REPLY;
+    sock.write_all(&raw_message(VHOST_USER_SET_VRING_ENABLE, flags, &payload))
+        .expect("send SET_VRING_ENABLE");
+    let mut reply = [0u8; 20];
+    sock.read_exact(&mut reply)
+        .expect("SET_VRING_ENABLE ack (the daemon closed the connection?)");
+    let word = |i: usize| u32::from_ne_bytes(reply[4 * i..4 * i + 4].try_into().unwrap());
+    assert_eq!(word(0), VHOST_USER_SET_VRING_ENABLE, "ack request code");
+    assert_eq!(word(1), VHOST_USER_REPLY | VHOST_USER_VERSION, "ack flags");
+    assert_eq!(word(2), 8, "ack size");
+    u64::from_ne_bytes(reply[12..].try_into().unwrap())
 }
 
 pub fn rx_vring(pair: u16) -> usize {
@@ -189,6 +244,76 @@ impl Nic {
         nic
     }
 
+    /// Connects the way stock QEMU's `-netdev vhost-user` with a
+    /// virtio-net-pci device does: protocol features (REPLY_ACK), queue
+    /// count, then SET_VRING_ENABLE with NEED_REPLY for `early` (vring,
+    /// state) *before* SET_FEATURES, as virtio-net does when it attaches
+    /// the netdev; then features without CTRL_VQ, the memory table and
+    /// every RX/TX ring of `pairs`, but no control queue (QEMU keeps it)
+    /// and no further ring enables: the ones sent early must hold.
+    pub fn connect_like_stock_qemu(socket: &Path, pairs: u16, early: &[(usize, bool)]) -> Nic {
+        let deadline = Instant::now() + TIMEOUT;
+        let (fe, mut raw, offered_features) = loop {
+            let stream = connect(socket);
+            let raw = stream.try_clone().expect("clone vhost-user socket");
+            let fe = Frontend::from_stream(stream, 64);
+            match fe.get_features() {
+                Ok(f) => break (fe, raw, f),
+                Err(e) => assert!(
+                    Instant::now() < deadline,
+                    "no vhost-user backend answers on {}: {e}",
+                    socket.display()
+                ),
+            }
+        };
+        let mut nic = Nic {
+            fe,
+            ram: GuestRam::new(RAM_SIZE),
+            pairs,
+            queues: BTreeMap::new(),
+            offered_features,
+            queue_num: 0,
+        };
+        let wanted = stock_qemu_features();
+        assert_eq!(nic.offered_features & wanted, wanted);
+        let proto = nic
+            .fe
+            .get_protocol_features()
+            .expect("GET_PROTOCOL_FEATURES");
+        let need = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
+        assert!(proto.contains(need), "protocol features {proto:?}");
+        nic.fe
+            .set_protocol_features(need)
+            .expect("SET_PROTOCOL_FEATURES");
+        nic.queue_num = nic.fe.get_queue_num().expect("GET_QUEUE_NUM");
+        nic.fe.set_owner().expect("SET_OWNER");
+        for &(index, enable) in early {
+            assert_eq!(
+                raw_vring_enable(&mut raw, index, enable),
+                0,
+                "early SET_VRING_ENABLE {index} {enable} refused"
+            );
+        }
+        nic.fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        nic.fe.set_features(wanted).expect("SET_FEATURES");
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: nic.ram.size,
+            userspace_addr: nic.ram.host_addr(GuestAddress(0)),
+            mmap_offset: 0,
+            mmap_handle: nic.ram.fd(),
+        };
+        nic.fe.set_mem_table(&[region]).expect("SET_MEM_TABLE");
+        for pair in 0..pairs {
+            for index in [rx_vring(pair), tx_vring(pair)] {
+                let q = VirtQueue::new(&mut nic.ram, index, QUEUE_SIZE, BUF_LEN);
+                nic.queues.insert(index, q);
+                nic.configure_vring(index, 0);
+            }
+        }
+        nic
+    }
+
     pub fn ctrl_vring(&self) -> usize {
         2 * usize::from(self.pairs)
     }
@@ -209,6 +334,14 @@ impl Nic {
     /// SET_VRING_NUM/BASE/ADDR/KICK/CALL/ENABLE for a ring laid out
     /// already, starting at avail index `base`.
     pub fn start_vring(&mut self, index: usize, base: u16) {
+        self.configure_vring(index, base);
+        self.fe
+            .set_vring_enable(index, true)
+            .expect("SET_VRING_ENABLE");
+    }
+
+    /// SET_VRING_NUM/BASE/ADDR/KICK/CALL, leaving the enable state alone.
+    pub fn configure_vring(&mut self, index: usize, base: u16) {
         let q = &self.queues[&index];
         let config = VringConfigData {
             queue_max_size: q.size,
@@ -230,9 +363,6 @@ impl Nic {
         self.fe
             .set_vring_call(index, &q.call)
             .expect("SET_VRING_CALL");
-        self.fe
-            .set_vring_enable(index, true)
-            .expect("SET_VRING_ENABLE");
     }
 
     /// GET_VRING_BASE: stops the ring and returns the next avail index the
