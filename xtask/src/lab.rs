@@ -31,6 +31,31 @@ pub enum AccelChoice {
     Tcg,
 }
 
+/// How QEMU attaches the vhost-nic devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NicModel {
+    /// The patched generic vhost-user-device-pci: the whole virtio-net
+    /// device (control and admin queues, config space) is vhost-nic's.
+    VhostUserDevice,
+    /// Stock QEMU's virtio-net-pci with a vhost-user netdev: QEMU keeps the
+    /// control queue and config space, vhost-nic serves the queue pairs.
+    VirtioNetPci,
+}
+
+impl NicModel {
+    fn template(self) -> &'static str {
+        match self {
+            NicModel::VhostUserDevice => "qemu-configs/machines/lab-devices.cfg.in",
+            NicModel::VirtioNetPci => "qemu-configs/machines/lab-devices-virtio-net-pci.cfg.in",
+        }
+    }
+}
+
+/// A guest that has not started its init by then never will: QEMU that
+/// cannot attach a vhost-user device, say, retries the connection forever
+/// before the guest boots. Boots take seconds even under loaded TCG.
+const BOOT_DEADLINE: Duration = Duration::from_secs(300);
+
 pub struct LabConfig {
     pub qemu: PathBuf,
     pub bzimage: PathBuf,
@@ -40,6 +65,7 @@ pub struct LabConfig {
     pub extra_qemu_args: Vec<String>,
     /// vhost-nic port of the first NIC; the second is always on the wire.
     pub local_port: String,
+    pub nic_model: NicModel,
 }
 
 /// The default: both NICs on vhost-nic's in-process wire.
@@ -84,14 +110,18 @@ impl Lab {
             step: "lab".into(),
             why: format!("cannot create {}: {e}", run_dir.display()),
         })?;
-        let template = repo_root().join("qemu-configs/machines/lab-devices.cfg.in");
+        let template = repo_root().join(cfg.nic_model.template());
         let text = fs::read_to_string(&template).map_err(|e| LabError::Other {
             step: "lab".into(),
             why: format!("cannot read {}: {e}", template.display()),
         })?;
         let text = text
             .replace("@RUN_DIR@", &run_dir.to_string_lossy())
-            .replace("@NUM_VQS@", &(2 * QUEUE_PAIRS + 2).to_string());
+            .replace("@NUM_VQS@", &(2 * QUEUE_PAIRS + 2).to_string())
+            .replace("@QUEUE_PAIRS@", &QUEUE_PAIRS.to_string())
+            .replace("@VECTORS@", &(2 * QUEUE_PAIRS + 2).to_string())
+            .replace("@LOCAL_MAC@", LOCAL_MAC)
+            .replace("@REMOTE_MAC@", REMOTE_MAC);
         write_file(&run_dir.join("lab-devices.cfg"), &text)?;
         let mut lab = Lab {
             cfg,
@@ -321,6 +351,14 @@ impl Lab {
                 Err(_) => break true,
             }
             if start.elapsed() > timeout {
+                break false;
+            }
+            if boots == 0 && start.elapsed() > BOOT_DEADLINE {
+                eprintln!(
+                    "guest did not reach its init within {}s; QEMU's log: {}",
+                    BOOT_DEADLINE.as_secs(),
+                    self.run_dir.join("qemu.log").display()
+                );
                 break false;
             }
             std::thread::sleep(Duration::from_millis(100));

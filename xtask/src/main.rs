@@ -9,6 +9,7 @@ mod paths;
 mod report;
 mod step;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,7 +19,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::build::KernelChoice;
-use crate::lab::{AccelChoice, Lab, LabConfig};
+use crate::lab::{AccelChoice, Lab, LabConfig, NicModel};
 use crate::report::Tally;
 use crate::step::{banner, LabError, Result};
 
@@ -84,10 +85,20 @@ fn prepare(args: &LabArgs) -> Result<Prepared> {
 }
 
 fn prepare_with(args: &LabArgs, extra_qemu_args: Vec<String>) -> Result<Prepared> {
-    prepare_lab(args, extra_qemu_args, lab::WIRE_PORT)
+    prepare_lab(
+        args,
+        extra_qemu_args,
+        lab::WIRE_PORT,
+        NicModel::VhostUserDevice,
+    )
 }
 
-fn prepare_lab(args: &LabArgs, extra_qemu_args: Vec<String>, local_port: &str) -> Result<Prepared> {
+fn prepare_lab(
+    args: &LabArgs,
+    extra_qemu_args: Vec<String>,
+    local_port: &str,
+    nic_model: NicModel,
+) -> Result<Prepared> {
     std::fs::create_dir_all(paths::logs_dir()).map_err(|e| LabError::Other {
         step: "setup".into(),
         why: format!("cannot create {}: {e}", paths::logs_dir().display()),
@@ -106,6 +117,7 @@ fn prepare_lab(args: &LabArgs, extra_qemu_args: Vec<String>, local_port: &str) -
         verbose: args.verbose,
         extra_qemu_args,
         local_port: local_port.to_string(),
+        nic_model,
     })?;
     lab.choose_accel(args.accel)?;
     Ok(Prepared { lab })
@@ -212,6 +224,7 @@ fn test(args: &LabArgs) -> Result<Tally> {
     tally.add(daemon_killed_mid_transfer(&mut lab)?);
     drop(lab);
     tally.add(tap_port_transfer(args)?);
+    tally.add(stock_virtio_net_pci(args)?);
     banner("e2e", "upstream kselftests in HW mode");
     tally.add(selftests(args, UPSTREAM_SELFTESTS)?);
     Ok(tally)
@@ -306,7 +319,12 @@ fn tap_port_transfer(args: &LabArgs) -> Result<Tally> {
         }
     }
     let _netns = Netns;
-    let p = prepare_lab(args, Vec::new(), &format!("tap:{TAP}"))?;
+    let p = prepare_lab(
+        args,
+        Vec::new(),
+        &format!("tap:{TAP}"),
+        NicModel::VhostUserDevice,
+    )?;
     let cidr = format!("{HOST_IP}/24");
     let ok = ip(&["link", "set", TAP, "netns", NETNS])
         && ip(&["-n", NETNS, "addr", "add", &cidr, "dev", TAP])
@@ -358,6 +376,178 @@ fn tap_port_transfer(args: &LabArgs) -> Result<Tally> {
                 run.console.display()
             )
         },
+    );
+    Ok(t)
+}
+
+/// Serves the guest's requests for host counter snapshots while `f` runs:
+/// the guest creates results/snap-LABEL.req and waits for
+/// results/snap-LABEL.json, written once the counters are taken. Returns
+/// what `f` returned and the snapshots by label.
+fn with_host_snapshots<T>(
+    lab: &Lab,
+    f: impl FnOnce() -> T,
+) -> (T, BTreeMap<String, serde_json::Value>) {
+    let results = lab.run_dir.join("results");
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let server = scope.spawn(|| {
+            let mut snaps = BTreeMap::new();
+            loop {
+                let finished = done.load(Ordering::Acquire);
+                let entries = std::fs::read_dir(&results).into_iter().flatten();
+                for e in entries.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let Some(label) = name
+                        .strip_prefix("snap-")
+                        .and_then(|n| n.strip_suffix(".req"))
+                    else {
+                        continue;
+                    };
+                    let stats = lab
+                        .stats()
+                        .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }));
+                    let _ = std::fs::write(
+                        results.join(format!("snap-{label}.json")),
+                        stats.to_string(),
+                    );
+                    let _ = std::fs::remove_file(e.path());
+                    snaps.insert(label.to_string(), stats);
+                }
+                if finished {
+                    return snaps;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let out = f();
+        done.store(true, Ordering::Release);
+        (out, server.join().unwrap_or_default())
+    })
+}
+
+/// Per queue pair packet counter `key` of lab device `dev` in a snapshot.
+fn queue_counters(stats: &serde_json::Value, dev: &str, key: &str) -> Vec<u64> {
+    stats["devices"]
+        .as_array()
+        .and_then(|ds| ds.iter().find(|d| d["name"] == dev))
+        .and_then(|d| d["queues"].as_array())
+        .map(|qs| qs.iter().map(|q| q[key].as_u64().unwrap_or(0)).collect())
+        .unwrap_or_default()
+}
+
+/// vhost-nic behind stock QEMU: both lab NICs are QEMU's own
+/// virtio-net-pci with a `-netdev vhost-user` on the daemon's sockets (QEMU
+/// keeps the control queue; `ethtool -L` reaches vhost-nic as ring
+/// enables). Checksummed transfers, every queue pair used once the guest
+/// enables them all, only pair 0 once it goes back to one, and traffic
+/// again after a guest reboot.
+fn stock_virtio_net_pci(args: &LabArgs) -> Result<Tally> {
+    const PREFIX: &str = "stock_virtio_net_pci_";
+    banner(
+        "e2e",
+        "vhost-nic behind stock QEMU virtio-net-pci + -netdev vhost-user",
+    );
+    let p = prepare_lab(args, Vec::new(), lab::WIRE_PORT, NicModel::VirtioNetPci)?;
+    let script = format!(
+        "{prologue}snap() {{ touch /mnt/results/snap-$1.req\n\
+         for i in $(seq 600); do [ -f /mnt/results/snap-$1.json ] && return 0; sleep 0.1; done\n\
+         echo \"no host snapshot $1\"; return 1; }}\n\
+         combined() {{ ethtool -l \"$1\" | awk '/Combined:/ {{print $2}}' | xargs; }}\n\
+         if [ -f /mnt/results/phase ]; then\n\
+         LAB_TEST_PREFIX={PREFIX}after_reboot_ python3 suite.py links_up ping_v4 parallel_transfers\n\
+         exit\n\
+         fi\n\
+         echo 1 > /mnt/results/phase\n\
+         echo \"channels-at-boot $(combined $NETIF)\"\n\
+         LAB_TRANSFER_BYTES=67108864 LAB_TEST_PREFIX={PREFIX} python3 suite.py links_up ping_v4 ping_v6 \
+         tcp_transfer_checksum multiqueue_spread channels_change_under_traffic\n\
+         ethtool -L $NETIF combined {pairs} && ip netns exec remote ethtool -L eth-remote combined {pairs}\n\
+         snap all-pairs || exit 1\n\
+         ethtool -L $NETIF combined 1 && ip netns exec remote ethtool -L eth-remote combined 1\n\
+         echo \"channels-one-pair $(combined $NETIF)\"\n\
+         snap one-pair-before || exit 1\n\
+         LAB_TEST_PREFIX={PREFIX}one_pair_ python3 suite.py parallel_transfers\n\
+         snap one-pair-after || exit 1\n\
+         touch /mnt/results/reboot\n",
+        prologue = guest_prologue(),
+        pairs = lab::QUEUE_PAIRS,
+    );
+    let (run, snaps) = with_host_snapshots(&p.lab, || {
+        p.lab.run_guest(&script, Duration::from_secs(1800), true)
+    });
+    let run = run?;
+    let mut t = report::parse_ktap(&run.output);
+    let expected = 10;
+    if t.total() < expected {
+        eprintln!(
+            "not ok: the guest reported {} of {expected} results; console: {}",
+            t.total(),
+            run.console.display()
+        );
+        t.failed += expected - t.total();
+    }
+    let line = |prefix: &str| {
+        run.output
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    // ethtool -l: "maximum current".
+    let at_boot = line("channels-at-boot ");
+    let one = line("channels-one-pair ");
+    let max = lab::QUEUE_PAIRS.to_string();
+    t.check(
+        &format!("{PREFIX}ethtool_channels"),
+        at_boot.split(' ').next() == Some(max.as_str()) && one == format!("{max} 1"),
+        || {
+            format!(
+                "ethtool -l combined (maximum current): at boot `{at_boot}`, after -L 1 `{one}`; want {max} and 1"
+            )
+        },
+    );
+    // A guest reboot: QEMU resets the device and enables rings with the
+    // features of the previous driver still set, then the new driver starts.
+    t.check(&format!("{PREFIX}guest_rebooted"), run.boots == 2, || {
+        format!(
+            "{} boots seen; console: {}",
+            run.boots,
+            run.console.display()
+        )
+    });
+    let none = serde_json::Value::Null;
+    let all = snaps.get("all-pairs").unwrap_or(&none);
+    if let Some(f) = all["devices"][0]["acked_features"].as_str() {
+        println!("# {PREFIX}: features QEMU acked for the vhost-user netdev: {f}");
+    }
+    t.check(
+        &format!("{PREFIX}every_queue_pair_used"),
+        report::all_queues_used(all),
+        || report::stats_table(all),
+    );
+    let (before, after) = (
+        snaps.get("one-pair-before").unwrap_or(&none),
+        snaps.get("one-pair-after").unwrap_or(&none),
+    );
+    let delta = |dev: &str, key: &str| -> Vec<u64> {
+        let (b, a) = (
+            queue_counters(before, dev, key),
+            queue_counters(after, dev, key),
+        );
+        a.iter()
+            .zip(b.iter().chain(std::iter::repeat(&0)))
+            .map(|(a, b)| a.saturating_sub(*b))
+            .collect()
+    };
+    let (rx, tx) = (delta("nic1", "rx_packets"), delta("nic0", "tx_packets"));
+    let only_pair0 = |d: &[u64]| {
+        d.len() == usize::from(lab::QUEUE_PAIRS) && d[0] > 0 && d[1..].iter().all(|&n| n == 0)
+    };
+    t.check(
+        &format!("{PREFIX}one_pair_after_ethtool_L"),
+        only_pair0(&rx) && only_pair0(&tx),
+        || format!("packets per queue pair during the transfers on one pair: nic1 rx {rx:?}, nic0 tx {tx:?}"),
     );
     Ok(t)
 }
