@@ -2,6 +2,17 @@
 
 const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
+/// Byte value -> base64 digit value, 0xff for bytes that are not digits.
+const DECODE: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 64 {
+        t[B64[i] as usize] = i as u8;
+        i += 1;
+    }
+    t
+};
+
 pub fn hex_encode(data: &[u8]) -> String {
     const H: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(data.len() * 2);
@@ -45,7 +56,10 @@ pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
     if b.len() % 4 != 0 {
         return None;
     }
-    let val = |c: u8| B64.iter().position(|x| *x == c).map(|p| p as u32);
+    let val = |c: u8| match DECODE[usize::from(c)] {
+        0xff => None,
+        v => Some(u32::from(v)),
+    };
     let mut out = Vec::with_capacity(b.len() / 4 * 3);
     let quads = b.len() / 4;
     for (qi, q) in b.chunks_exact(4).enumerate() {

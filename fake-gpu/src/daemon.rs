@@ -42,6 +42,16 @@ pub struct Daemon {
     threads: Vec<JoinHandle<()>>,
     socket: PathBuf,
     control: PathBuf,
+    /// (dev, inode) of the socket files as bound, so a daemon stopping
+    /// never removes a socket another daemon has since bound at the path.
+    bound: Vec<(PathBuf, Option<(u64, u64)>)>,
+}
+
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 fn socket_err(path: &Path) -> impl FnOnce(io::Error) -> DaemonError + '_ {
@@ -98,6 +108,10 @@ impl Daemon {
             threads: Vec::new(),
             socket: opts.socket.clone(),
             control: control.clone(),
+            bound: [&opts.socket, &control]
+                .into_iter()
+                .map(|p| (p.clone(), file_id(p)))
+                .collect(),
         };
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
             thread::Builder::new()
@@ -178,8 +192,11 @@ impl Daemon {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.socket);
-        let _ = std::fs::remove_file(&self.control);
+        for (path, id) in &self.bound {
+            if id.is_some() && file_id(path) == *id {
+                let _ = std::fs::remove_file(path);
+            }
+        }
     }
 }
 

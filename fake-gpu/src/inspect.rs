@@ -65,6 +65,7 @@ pub struct Comparison {
 pub struct Inspector {
     writer: UnixStream,
     reader: BufReader<UnixStream>,
+    chunk: u64,
 }
 
 impl Inspector {
@@ -77,7 +78,16 @@ impl Inspector {
             err,
         })?;
         let reader = BufReader::new(writer.try_clone()?);
-        Ok(Inspector { writer, reader })
+        Ok(Inspector {
+            writer,
+            reader,
+            chunk: MAX_READ,
+        })
+    }
+
+    /// Bytes per `read` request (1 to 16 MiB; 16 MiB by default).
+    pub fn set_chunk(&mut self, bytes: u64) {
+        self.chunk = bytes.clamp(1, MAX_READ);
     }
 
     /// Sends one request object, returns the reply (errors as `Err`).
@@ -107,7 +117,7 @@ impl Inspector {
     }
 
     /// Reads `len` bytes at `offset` of `region` (in requests of at most
-    /// 16 MiB).
+    /// the chunk size).
     pub fn read(&mut self, region: Region, offset: u64, len: u64) -> Result<Vec<u8>, InspectError> {
         let mut out = Vec::new();
         self.read_with(region, offset, len, |chunk| {
@@ -137,7 +147,7 @@ impl Inspector {
     ) -> Result<(), InspectError> {
         let mut done = 0u64;
         loop {
-            let n = (len - done).min(MAX_READ);
+            let n = (len - done).min(self.chunk);
             let at = offset
                 .checked_add(done)
                 .ok_or_else(|| InspectError::Device("offset overflows".into()))?;

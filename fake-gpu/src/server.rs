@@ -10,7 +10,7 @@
 //! fails to realize the device with a read error).
 
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,27 +33,46 @@ pub enum HandshakeError {
     Device(#[from] DeviceError),
 }
 
-/// Sends the setup messages to a new client with ID `id` and returns the
-/// eventfds that interrupt it.
+/// Sends the setup messages to a new client with ID `id` whose own
+/// vectors are `vectors`.
 pub fn handshake(
     stream: &UnixStream,
     device: &Device,
     id: u16,
-) -> Result<Vec<EventFd>, HandshakeError> {
+    vectors: &[RawFd],
+) -> Result<(), HandshakeError> {
     stream.set_write_timeout(Some(SEND_TIMEOUT))?;
-    let vectors = (0..device.config.vectors)
-        .map(|_| new_eventfd())
-        .collect::<Result<Vec<_>, _>>()?;
     send(stream, PROTOCOL_VERSION, None)?;
     send(stream, id.into(), None)?;
     send(stream, SHM_MESSAGE, Some(device.shm_file().as_raw_fd()))?;
     for fd in device.doorbells() {
         send(stream, DEVICE_PEER_ID.into(), Some(fd.as_raw_fd()))?;
     }
-    for fd in &vectors {
-        send(stream, id.into(), Some(fd.as_raw_fd()))?;
+    for fd in vectors {
+        send(stream, id.into(), Some(*fd))?;
     }
-    Ok(vectors)
+    Ok(())
+}
+
+/// Attaches a new guest, then sends it the setup messages. Attaching
+/// first (which resets the rings) means the device is ready before the
+/// client has its last setup message, so a driver can never race the
+/// reset.
+fn welcome(stream: &UnixStream, device: &Device, id: u16) -> Result<(), HandshakeError> {
+    let vectors = (0..device.config.vectors)
+        .map(|_| new_eventfd())
+        .collect::<Result<Vec<EventFd>, _>>()?;
+    let raw: Vec<RawFd> = vectors.iter().map(|e| e.as_raw_fd()).collect();
+    device
+        .attach_guest(GuestLink { id, vectors })
+        .map_err(|e| HandshakeError::Io(io::Error::other(e)))?;
+    // The link now owns the eventfds; only this thread detaches it, so the
+    // raw fds stay valid while they are sent.
+    let sent = handshake(stream, device, id, &raw);
+    if sent.is_err() {
+        device.detach_guest(id);
+    }
+    sent
 }
 
 struct Connected {
@@ -110,20 +129,17 @@ pub fn serve(listener: UnixListener, device: Arc<Device>, stop: &EventFd) -> io:
                 log::warn!("ivshmem client: {e}");
                 continue;
             }
-            match handshake(&stream, &device, id) {
-                Ok(vectors) => {
+            match welcome(&stream, &device, id) {
+                Ok(()) => {
                     if let Err(e) = stream.set_nonblocking(true) {
                         log::warn!("ivshmem client: {e}");
+                        device.detach_guest(id);
                         continue;
                     }
                     log::info!(
                         "ivshmem client connected as peer {id} ({} vectors)",
-                        vectors.len()
+                        device.config.vectors
                     );
-                    if let Err(e) = device.attach_guest(GuestLink { id, vectors }) {
-                        log::error!("attaching guest peer {id}: {e}");
-                        continue;
-                    }
                     guest = Some(Connected { stream, id });
                 }
                 Err(e) => log::warn!("ivshmem handshake with peer {id}: {e}"),

@@ -126,26 +126,29 @@ fn inspector_rejects_bad_requests_and_keeps_serving() {
 
 #[test]
 fn reads_larger_than_one_request_are_split() {
-    let mut cfg = config();
-    cfg.vram = 32 << 20;
-    let lab = start_with(cfg);
+    let lab = start();
     let mut d = lab.driver();
     let c = d
         .run(
             &[
-                Command::fill(1, 0, 32 << 20, 0x01),
-                Command::fill(2, 17 << 20, 8, 0x02),
+                Command::fill(1, 0, 1 << 20, 0x01),
+                Command::fill(2, 40_000, 8, 0x02),
             ],
             T,
         )
         .unwrap();
     assert!(c.iter().all(|c| c.status() == Some(Status::Ok)));
     let mut ins = Inspector::connect(&lab.socket()).unwrap();
-    let got = ins.read(Region::Vram, 0, 18 << 20).unwrap();
-    assert_eq!(got.len(), 18 << 20);
-    assert_eq!(got[(17 << 20) - 1], 1);
-    assert_eq!(&got[17 << 20..(17 << 20) + 8], &[2; 8]);
-    assert_eq!(got[(17 << 20) + 8], 1);
+    ins.set_chunk(4096 + 8);
+    let got = ins.read(Region::Vram, 8, 100_000).unwrap();
+    assert_eq!(got.len(), 100_000);
+    assert_eq!(got[40_000 - 8 - 1], 1);
+    assert_eq!(&got[40_000 - 8..40_000], &[2; 8]);
+    assert_eq!(got[40_000], 1);
+    let mut out = Vec::new();
+    ins.dump(Region::Vram, 0, 1 << 20, &mut out).unwrap();
+    assert_eq!(out.len(), 1 << 20);
+    assert_eq!(ins.stats().unwrap()["ring"]["cmd_cons"], 2);
 }
 
 #[test]
@@ -198,22 +201,37 @@ fn inspect_command_line() {
     drop(d);
 }
 
+/// Kills the child if the test fails before stopping it.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 #[test]
 fn serve_command_line_runs_and_stops_on_sigterm() {
     let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/fake-gpu-test-").unwrap();
     let sock = dir.as_path().join("gpu.sock");
-    let child = Process::new(BIN)
-        .args(["serve", "--vram", "4M", "--staging", "64K", "--socket"])
-        .arg(&sock)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(Some(
+        Process::new(BIN)
+            .args(["serve", "--vram", "4M", "--staging", "64K", "--socket"])
+            .arg(&sock)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
     wait_for("the control socket", || control_path(&sock).exists());
     let mut d = Driver::connect(&sock, 2).unwrap();
     let c = d.run(&[Command::fill(1, 0, 4 << 20, 0xab)], T).unwrap();
     assert_eq!(c[0].status(), Some(Status::Ok));
     let mut ins = Inspector::connect(&sock).unwrap();
     assert_eq!(ins.read(Region::Vram, (4 << 20) - 8, 8).unwrap(), [0xab; 8]);
+    let child = child.0.take().unwrap();
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();

@@ -174,3 +174,23 @@ fn hugetlb_works_or_fails_clearly() {
         }
     }
 }
+
+#[test]
+fn a_stopping_daemon_leaves_a_rebound_socket_alone() {
+    let first = start();
+    let socket = first.socket();
+    let ctl = fake_gpu::inspect::control_path(&socket);
+    std::fs::remove_file(&socket).unwrap();
+    std::fs::remove_file(&ctl).unwrap();
+    let second = fake_gpu::daemon::Daemon::start(fake_gpu::daemon::ServeOptions {
+        socket: socket.clone(),
+        control: None,
+        device: config(),
+    })
+    .unwrap();
+    first.daemon.stop();
+    assert!(socket.exists() && ctl.exists());
+    Driver::connect(&socket, 2).unwrap();
+    second.stop();
+    assert!(!socket.exists() && !ctl.exists());
+}
