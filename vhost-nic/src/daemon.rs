@@ -253,7 +253,12 @@ pub fn run(opts: Vec<DeviceOptions>, stats_socket: Option<&Path>) -> Result<(), 
             b.device().opts.socket.display()
         );
         let (b, s) = (b.clone(), stop.clone());
-        thread::spawn(move || serve_device(b, listener, s));
+        let name = b.device().opts.name.clone();
+        // Named for top -H: this thread also relays the frontend's requests.
+        thread::Builder::new()
+            .name(format!("{name}-serve"))
+            .spawn(move || serve_device(b, listener, s))
+            .map_err(|err| DaemonError::Device { name, err })?;
     }
     let signals = Mutex::new(
         signal_hook::iterator::Signals::new([

@@ -465,7 +465,7 @@ pub fn run(
             backend.try_clone().map_err(io_err(Side::Backend))?,
         );
         thread::Builder::new()
-            .name(format!("{name}-relay"))
+            .name(format!("{name}-replies"))
             .spawn(move || {
                 let r = backend_to_frontend(&backend_rx, &to_frontend);
                 shutdown_both(&f, &b);
