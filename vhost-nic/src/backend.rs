@@ -257,10 +257,13 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // BACKEND_REQ: QEMU requires it (with REPLY_ACK) of a backend that
+        // offers VIRTIO_F_ACCESS_PLATFORM; the channel itself stays unused.
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     fn reset_device(&self) {

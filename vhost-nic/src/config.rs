@@ -168,6 +168,14 @@ impl DeviceOptions {
     pub fn offered_features(&self) -> u64 {
         let mut f = [
             VIRTIO_F_VERSION_1,
+            // Descriptors carry DMA addresses of the transport. Without a
+            // vIOMMU these are guest-physical and QEMU does not pass the bit
+            // on in SET_FEATURES; the guest then maps buffers through the
+            // DMA API of the PCI function, which memory providers (devmem
+            // TCP) require. With a vIOMMU QEMU would need IOTLB support,
+            // which the device does not offer (no PROTOCOL_F_IOMMU), so it
+            // refuses to start instead of translating wrongly.
+            VIRTIO_F_ACCESS_PLATFORM,
             VIRTIO_F_RING_RESET,
             VIRTIO_RING_F_EVENT_IDX,
             VIRTIO_RING_F_INDIRECT_DESC,

@@ -124,7 +124,6 @@ fn feature_negotiation_drops_unoffered_bits() {
         VIRTIO_NET_F_HOST_UFO,
         VIRTIO_NET_F_CTRL_VLAN,
         VIRTIO_NET_F_GUEST_ANNOUNCE,
-        VIRTIO_F_ACCESS_PLATFORM,
         VIRTIO_F_ADMIN_VQ,
         VIRTIO_NET_F_SPLIT_HEADER,
         63,
@@ -134,6 +133,7 @@ fn feature_negotiation_drops_unoffered_bits() {
     }
     for b in [
         VIRTIO_F_VERSION_1,
+        VIRTIO_F_ACCESS_PLATFORM,
         VIRTIO_NET_F_MQ,
         VIRTIO_NET_F_RSS,
         VIRTIO_NET_F_MRG_RXBUF,
