@@ -796,6 +796,75 @@ fn tso_frame_passed_through_to_receiver_with_guest_tso() {
     }
 }
 
+/// Devmem TCP TX: headers in RAM, payload in device memory the guest
+/// exported (a dma-buf), which the driver never reads. The device reads the
+/// payload, checksums and segments it, and counts the bytes it read from
+/// outside RAM.
+#[test]
+fn tx_payload_from_device_memory_segmented_and_counted() {
+    let fa = BASE | bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_HOST_TSO4);
+    let mut a = Nic::new("nic-a", MAC_A, fa, true);
+    let mut b = Nic::new("nic-b", MAC_B, BASE, false);
+    connect(&a, &b);
+    assert_eq!(
+        a.dev.regions().kind(GuestAddress(DEV_MEM), 4096),
+        Some(RegionKind::Device)
+    );
+    let dev = a.dev.clone();
+    let stats = &dev.queue_stats[0];
+
+    // 3 full segments and a short one, payload in two device memory
+    // descriptors split at a page boundary, as net_iov frags are.
+    let payload = 3 * MSS + 100;
+    let f = frame4_partial(MAC_B, IPPROTO_TCP, &Flow::nth(5), payload);
+    let hdr = VirtioNetHdr {
+        flags: VIRTIO_NET_HDR_F_NEEDS_CSUM as u8,
+        gso_type: VIRTIO_NET_HDR_GSO_TCPV4 as u8,
+        hdr_len: 54,
+        gso_size: MSS as u16,
+        csum_start: 34,
+        csum_offset: 16,
+        ..Default::default()
+    };
+    let mut head = vec![0u8; a.vnet_hdr_len()];
+    hdr.write_to(&mut head);
+    head.extend_from_slice(&f[..54]);
+    let h = a.place(&head);
+    let p0 = a.alloc_dev(4096);
+    let p1 = a.alloc_dev(4096);
+    a.write(p0, &f[54..54 + 4096]);
+    a.write(p1, &f[54 + 4096..]);
+    let id = a.tx[0].post(&[
+        (h, head.len() as u32, 0),
+        (p0, 4096, 0),
+        (p1, (payload - 4096) as u32, 0),
+    ]);
+    assert!(a.kick_tx(0));
+    assert_eq!(a.tx[0].take_used(), [(id, 0)]);
+    assert_eq!(stats.tx_packets.get(), 1);
+    assert_eq!(stats.tx_bytes.get(), f.len() as u64);
+    assert_eq!(stats.tx_bytes_from_device_memory.get(), payload as u64);
+    // Segmented toward the peer, which has no GUEST_TSO4.
+    assert_eq!(b.dev.queue_stats[0].tx_sw_segmented.get(), 1);
+
+    let got = b.receive(0, 4);
+    assert_eq!(got.len(), 4);
+    let mut out = Vec::new();
+    for (i, r) in got.iter().enumerate() {
+        let s = &r.frame;
+        assert!(verify_ipv4_header_checksum(s, ETH_HLEN), "segment {i}");
+        assert!(verify_l4_checksum(s, &parse(s)), "segment {i}");
+        out.extend_from_slice(&s[54..]);
+    }
+    assert_eq!(out, f[54..]);
+
+    // All of it in RAM: the device memory counter does not move.
+    a.send_with(0, &hdr, &f);
+    assert_eq!(stats.tx_packets.get(), 2);
+    assert_eq!(stats.tx_bytes_from_device_memory.get(), payload as u64);
+    assert_eq!(b.receive(0, 4).len(), 4);
+}
+
 #[test]
 fn rings_wrap_around() {
     // Indices wrap the 256-entry rings several times, one packet at a time
