@@ -36,6 +36,15 @@ mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 mount -t hugetlbfs hugetlbfs /dev/hugepages 2>/dev/null || true
 mkdir -p /mnt/results
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 results /mnt/results
+# Tools the lab provides in place of the host's (guest-tools/: a newer
+# ethtool), shared read-only as "labtools": first on PATH, for login shells
+# too (Debian's /etc/profile resets PATH; HOME is /tmp).
+mkdir -p /run/lab-tools
+if mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,ro labtools /run/lab-tools 2>/dev/null; then
+    export PATH=/run/lab-tools/bin:$PATH
+    # shellcheck disable=SC2016 # expanded by the login shell
+    echo 'PATH=/run/lab-tools/bin:$PATH' >/tmp/.bash_profile
+fi
 ip link set lo up
 hostname lab
 

@@ -8,6 +8,12 @@ LAB_REMOTE_MAC=${LAB_REMOTE_MAC:-52:54:00:12:34:57}
 export LOCAL_V4=192.0.2.1 REMOTE_V4=192.0.2.2
 export LOCAL_V6=2001:db8::1 REMOTE_V6=2001:db8::2
 export REMOTE_TYPE=netns REMOTE_ARGS=remote
+# The lab's tools (a newer ethtool than the host's, mounted by init.sh) go
+# first on PATH.
+case ":$PATH:" in
+    *:/run/lab-tools/bin:*) ;;
+    *) [ ! -d /run/lab-tools/bin ] || export PATH=/run/lab-tools/bin:$PATH ;;
+esac
 
 lab_if_by_mac() {
     local mac=$1 d

@@ -6,8 +6,10 @@ namespace "remote", joined by vhost-nic's wire. Prints KTAP. Names given on
 the command line select tests. Every wait polls a condition with a
 deadline; nothing sleeps and hopes.
 """
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -20,6 +22,8 @@ REMOTE_IF = "eth-remote"
 LOCAL_V4, REMOTE_V4 = os.environ["LOCAL_V4"], os.environ["REMOTE_V4"]
 LOCAL_V6, REMOTE_V6 = os.environ["LOCAL_V6"], os.environ["REMOTE_V6"]
 TRANSFER = int(os.environ.get("LAB_TRANSFER_BYTES", str(1 << 30)))
+# The lab's tools (guest-tools/), mounted by init.sh, first on PATH.
+LAB_TOOLS_BIN = "/run/lab-tools/bin"
 
 
 class Fail(Exception):
@@ -106,6 +110,23 @@ def test_links_up():
                  lambda: sh(["cat", f"/sys/class/net/{ifname}/operstate"], ns=ns).strip() == "up")
 
 
+def test_lab_ethtool():
+    """ethtool is the lab's (Debian 12's 6.1 is too old for the 7.3
+    kselftests), in both namespaces, and speaks JSON for -g."""
+    want = os.path.join(LAB_TOOLS_BIN, "ethtool")
+    if shutil.which("ethtool") != want:
+        raise Fail(f"ethtool on PATH is {shutil.which('ethtool')}, not {want} (PATH={os.environ.get('PATH')})")
+    for ns in (None, "remote"):
+        out = sh(["ethtool", "--version"], ns=ns).strip()
+        m = re.fullmatch(r"ethtool version (\d+)\.(\d+)(\.\d+)?", out)
+        if not m or (int(m.group(1)), int(m.group(2))) < (6, 11):
+            raise Fail(f"`ethtool --version` in namespace {ns or 'root'}: {out!r}, want 6.11 or newer")
+    print(f"# {out} ({want})", flush=True)
+    rings = json.loads(sh(["ethtool", "--json", "-g", NETIF]))
+    if not rings or rings[0].get("ifname") != NETIF or "rx" not in rings[0]:
+        raise Fail(f"`ethtool --json -g {NETIF}` gave {rings}")
+
+
 def test_ping_v4():
     sh(["ping", "-c", "3", "-W", "10", REMOTE_V4])
 
@@ -189,6 +210,7 @@ def test_parallel_transfers():
 
 TESTS = [
     test_links_up,
+    test_lab_ethtool,
     test_ping_v4,
     test_ping_v6,
     test_tcp_transfer_checksum,

@@ -1,7 +1,8 @@
 //! Everything the lab needs before it boots: host packages, the patched
-//! QEMU, the guest kernel and vhost-nic itself. QEMU and the kernel are
-//! built by the recipes in qemu-configs/ and guest-kernel-patches/, cached
-//! under a key derived from their inputs.
+//! QEMU, the guest kernel, the guest's ethtool and vhost-nic itself. QEMU,
+//! the kernel and ethtool come from the recipes in qemu-configs/,
+//! guest-kernel-patches/ and guest-tools/, cached under a key derived from
+//! their inputs.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -103,6 +104,36 @@ pub fn qemu() -> Result<PathBuf> {
         );
     }
     Ok(bin)
+}
+
+/// ethtool for the guest, which otherwise runs the host's (Debian 12 has
+/// 6.1, too old for the 7.3 kselftests): guest-tools/install-ethtool.sh
+/// installs Debian 13's into a cached directory. Returns that directory;
+/// the guest mounts it on /run/lab-tools with its bin/ first on PATH.
+pub fn guest_ethtool() -> Result<PathBuf> {
+    let script = repo_root().join("guest-tools/install-ethtool.sh");
+    let key = recipe_key("ethtool", &script, &[])?;
+    let out = cache_dir().join(format!("ethtool-{key}"));
+    let bin = out.join("bin/ethtool");
+    let hint = if bin.exists() {
+        "cached"
+    } else {
+        "fetching Debian 13's package"
+    };
+    banner(
+        "ethtool",
+        &format!("guest ethtool in {}: {hint}", out.display()),
+    );
+    let mut c = Command::new("bash");
+    c.arg(&script).arg(&out);
+    run_logged("ethtool", c, &logs_dir().join("ethtool-install.log"))?;
+    if !bin.exists() {
+        return fail(
+            "ethtool",
+            format!("install finished but {} is missing", bin.display()),
+        );
+    }
+    Ok(out)
 }
 
 /// The guest kernel: a prebuilt bzImage, a user's tree, or Debian's

@@ -109,6 +109,8 @@ fn prepare_lab(
         bzimage: args.kernel.clone(),
         tree: args.kernel_tree.clone(),
     })?;
+    let mut extra_qemu_args = extra_qemu_args;
+    extra_qemu_args.extend(guest_tools_share(&build::guest_ethtool()?));
     let vhost_nic = build::vhost_nic()?;
     let mut lab = Lab::start(LabConfig {
         qemu,
@@ -121,6 +123,20 @@ fn prepare_lab(
     })?;
     lab.choose_accel(args.accel)?;
     Ok(Prepared { lab })
+}
+
+/// The guest's tools (build::guest_ethtool), shared read-only: the guest's
+/// init mounts them on /run/lab-tools and puts their bin/ first on PATH.
+fn guest_tools_share(dir: &std::path::Path) -> Vec<String> {
+    vec![
+        "-fsdev".to_string(),
+        format!(
+            "local,id=labtools,path={},security_model=none,readonly=on",
+            dir.display()
+        ),
+        "-device".to_string(),
+        "virtio-9p-pci,fsdev=labtools,mount_tag=labtools".to_string(),
+    ]
 }
 
 fn repo_path(rel: &str) -> String {
@@ -200,7 +216,7 @@ fn test(args: &LabArgs) -> Result<Tally> {
     );
     let run = p.lab.run_guest(&script, Duration::from_secs(3600), true)?;
     let guest = report::parse_ktap(&run.output);
-    let expected = 9;
+    let expected = 10;
     tally.add(guest.clone());
     if guest.total() < expected {
         eprintln!(
