@@ -4,6 +4,7 @@
 
 mod bench;
 mod build;
+mod devmem;
 mod lab;
 mod paths;
 mod report;
@@ -39,10 +40,14 @@ enum Cmd {
     /// An interactive guest shell with the same devices.
     Vm(LabArgs),
     /// Throughput over the vhost-nic wire against QEMU's userspace
-    /// virtio-net-pci on a host TAP pair, in the same guest.
+    /// virtio-net-pci on a host TAP pair, in the same guest; with --devmem,
+    /// device memory TCP receive against plain TCP receive on the same NIC.
     Bench {
         #[command(flatten)]
         lab: LabArgs,
+        /// Devmem RX (ncdevmem) vs plain TCP receive, 1 and 3 streams.
+        #[arg(long)]
+        devmem: bool,
         /// Bytes per transfer.
         #[arg(long, default_value_t = 512 << 20)]
         bytes: u64,
@@ -241,6 +246,7 @@ fn test(args: &LabArgs) -> Result<Tally> {
     drop(lab);
     tally.add(tap_port_transfer(args)?);
     tally.add(stock_virtio_net_pci(args)?);
+    tally.add(devmem::e2e(args)?);
     banner("e2e", "upstream kselftests in HW mode");
     tally.add(selftests(args, UPSTREAM_SELFTESTS)?);
     Ok(tally)
@@ -583,6 +589,27 @@ const UPSTREAM_SELFTESTS: &[&str] = &[
     "drivers/net/hw/devmem.py",
 ];
 
+/// QEMU arguments sharing the installed kselftests read-only (tag kselftest).
+fn kselftest_share(installed: &std::path::Path) -> Vec<String> {
+    vec![
+        "-fsdev".to_string(),
+        format!(
+            "local,id=kselftest,path={},security_model=none,readonly=on",
+            installed.display()
+        ),
+        "-device".to_string(),
+        "virtio-9p-pci,fsdev=kselftest,mount_tag=kselftest".to_string(),
+    ]
+}
+
+/// Guest commands mounting that share on GUEST_KSELFTEST_DIR.
+fn mount_kselftest() -> String {
+    format!(
+        "mkdir -p {dir} && mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,ro kselftest {dir} || exit 1\n",
+        dir = GUEST_KSELFTEST_DIR
+    )
+}
+
 fn selftests<S: AsRef<str>>(args: &LabArgs, tests: &[S]) -> Result<Tally> {
     let tests: Vec<String> = tests.iter().map(|t| t.as_ref().to_string()).collect();
     // Built from the same source as the kernel: --kernel-tree, else the
@@ -599,23 +626,9 @@ fn selftests<S: AsRef<str>>(args: &LabArgs, tests: &[S]) -> Result<Tally> {
             )));
         }
     }
-    let share = vec![
-        "-fsdev".to_string(),
-        format!(
-            "local,id=kselftest,path={},security_model=none,readonly=on",
-            installed.display()
-        ),
-        "-device".to_string(),
-        "virtio-9p-pci,fsdev=kselftest,mount_tag=kselftest".to_string(),
-    ];
-    let p = prepare_with(args, share)?;
+    let p = prepare_with(args, kselftest_share(&installed))?;
     banner("selftests", &tests.join(" "));
-    let mut script = format!(
-        "{}mkdir -p {dir} && mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,ro kselftest {dir} || exit 1
-",
-        guest_prologue(),
-        dir = GUEST_KSELFTEST_DIR
-    );
+    let mut script = format!("{}{}", guest_prologue(), mount_kselftest());
     for t in &tests {
         let (dir, file) = t.rsplit_once('/').unwrap_or((".", t.as_str()));
         // Each test in a subshell, from its own directory, as
@@ -652,7 +665,15 @@ fn main() -> ExitCode {
         })
         .map(|()| None),
         Cmd::Selftests { lab, paths } => selftests(lab, paths).map(Some),
-        Cmd::Bench { lab, bytes, rounds } => bench::run(lab, *bytes, *rounds).map(|()| None),
+        Cmd::Bench {
+            lab,
+            devmem: true,
+            bytes,
+            rounds,
+        } => devmem::bench(lab, *bytes, *rounds).map(|()| None),
+        Cmd::Bench {
+            lab, bytes, rounds, ..
+        } => bench::run(lab, *bytes, *rounds).map(|()| None),
     };
     match result {
         Ok(Some(tally)) => {
