@@ -53,6 +53,22 @@ def read(path):
         return f.read().strip()
 
 
+def listening(pid, port):
+    """Whether the network namespace of process pid has a TCP socket
+    listening on port (state 0A in /proc/net/tcp and tcp6)."""
+    needle = f":{port:04X} "
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                for line in f.readlines()[1:]:
+                    fields = line.split()
+                    if len(fields) > 3 and fields[1].endswith(needle.strip()) and fields[3] == "0A":
+                        return True
+        except OSError:
+            return False
+    return False
+
+
 def transfer(nbytes, port, host=REMOTE_V4, seed=1):
     """Sends nbytes to the remote namespace; checks count and SHA-256."""
     out = f"/tmp/recv-{port}.out"
@@ -60,9 +76,14 @@ def transfer(nbytes, port, host=REMOTE_V4, seed=1):
         os.unlink(out)
     rx = subprocess.Popen(["ip", "netns", "exec", "remote", "python3", NETTOOL, "recv", str(port), out])
     try:
+        # ip netns exec execs the receiver, so its /proc/PID/net is the
+        # remote namespace's. Many receivers starting at once under TCG on
+        # a loaded host can take a while: the bound is generous.
         wait_for(f"listener on port {port}",
-                 lambda: f":{port:04X} " in open("/proc/net/tcp6").read()
-                 or f"{port}" in sh(["ss", "-Hltn"], ns="remote", check=False))
+                 lambda: listening(rx.pid, port) or rx.poll() is not None,
+                 timeout=180.0)
+        if rx.poll() is not None:
+            raise Fail(f"receiver on port {port} exited with {rx.returncode}")
         sent = sh(["python3", NETTOOL, "send", host, str(port), str(nbytes), str(seed)]).strip()
         rx.wait(timeout=600)
     finally:
