@@ -824,6 +824,7 @@ def bench_round(mode, streams, nbytes):
 
 def bench(nbytes, rounds, *stream_counts):
     nbytes, rounds = int(nbytes), int(rounds)
+    sh(["ethtool", "-L", NETIF, "combined", str(max_channels())])
     log(f"{os.cpu_count()} guest CPUs; sender: devmem_e2e.py send-pattern in namespace remote; "
         f"devmem: ncdevmem -v 7 (stdio buffered); plain: nettool.py recv (SHA-256)")
     for streams in (int(s) for s in stream_counts):
