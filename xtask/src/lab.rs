@@ -71,10 +71,44 @@ pub struct LabConfig {
 /// The default: both NICs on vhost-nic's in-process wire.
 pub const WIRE_PORT: &str = "wire:lab";
 
+/// Where the fake GPU sits, from `LAB_GPU` (unset or empty: no GPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuShape {
+    /// On a downstream port of the NICs' PCIe switch (`LAB_GPU=switch`).
+    Switch,
+    /// On the root complex, no common bridge with the NICs
+    /// (`LAB_GPU=root-complex`).
+    RootComplex,
+}
+
+impl GpuShape {
+    fn from_env() -> Result<Option<GpuShape>> {
+        match std::env::var("LAB_GPU").unwrap_or_default().as_str() {
+            "" | "none" => Ok(None),
+            "switch" => Ok(Some(GpuShape::Switch)),
+            "root-complex" => Ok(Some(GpuShape::RootComplex)),
+            other => Err(LabError::Usage(format!(
+                "LAB_GPU={other}: expected switch, root-complex or none"
+            ))),
+        }
+    }
+
+    fn bus(self) -> &'static str {
+        match self {
+            GpuShape::Switch => "sw-gpu",
+            GpuShape::RootComplex => "pcie.0",
+        }
+    }
+}
+
+/// The fake GPU's VRAM: with the default 4 MiB staging window, a 1 GiB BAR.
+const GPU_VRAM: &str = "1018M";
+
 pub struct Lab {
     cfg: LabConfig,
     pub run_dir: PathBuf,
     daemon: Option<Child>,
+    gpu: Option<Child>,
     pub accel: Accel,
 }
 
@@ -122,15 +156,88 @@ impl Lab {
             .replace("@VECTORS@", &(2 * QUEUE_PAIRS + 2).to_string())
             .replace("@LOCAL_MAC@", LOCAL_MAC)
             .replace("@REMOTE_MAC@", REMOTE_MAC);
+        let gpu_shape = GpuShape::from_env()?;
+        let mut text = text;
+        if let Some(shape) = gpu_shape {
+            let template = repo_root().join("qemu-configs/machines/lab-gpu.cfg.in");
+            let gpu = fs::read_to_string(&template).map_err(|e| LabError::Other {
+                step: "lab".into(),
+                why: format!("cannot read {}: {e}", template.display()),
+            })?;
+            text.push('\n');
+            text.push_str(
+                &gpu.replace("@RUN_DIR@", &run_dir.to_string_lossy())
+                    .replace("@GPU_BUS@", shape.bus()),
+            );
+        }
         write_file(&run_dir.join("lab-devices.cfg"), &text)?;
         let mut lab = Lab {
             cfg,
             run_dir,
             daemon: None,
+            gpu: None,
             accel: Accel::Tcg,
         };
         lab.start_daemon()?;
+        if let Some(shape) = gpu_shape {
+            lab.start_gpu(shape)?;
+        }
         Ok(lab)
+    }
+
+    /// Starts `fake-gpu serve` on the run's gpu.sock (control: gpu.sock.ctl,
+    /// for `fake-gpu inspect --socket RUN_DIR/gpu.sock`).
+    fn start_gpu(&mut self, shape: GpuShape) -> Result<()> {
+        banner(
+            "fake-gpu",
+            &format!("starting the GPU ({GPU_VRAM} VRAM, on {})", shape.bus()),
+        );
+        let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        build
+            .current_dir(repo_root())
+            .args(["build", "--release", "--quiet", "-p", "fake-gpu"]);
+        match build.status() {
+            Ok(s) if s.success() => {}
+            other => return fail("fake-gpu", format!("cargo build -p fake-gpu: {other:?}")),
+        }
+        let bin = self
+            .cfg
+            .vhost_nic
+            .parent()
+            .map(|d| d.join("fake-gpu"))
+            .unwrap_or_else(|| PathBuf::from("fake-gpu"));
+        let log =
+            fs::File::create(self.run_dir.join("fake-gpu.log")).map_err(|e| LabError::Other {
+                step: "fake-gpu".into(),
+                why: e.to_string(),
+            })?;
+        let log2 = log.try_clone().map_err(|e| LabError::Other {
+            step: "fake-gpu".into(),
+            why: e.to_string(),
+        })?;
+        let sock = self.sock("gpu.sock");
+        let child = Command::new(&bin)
+            .args(["serve", "--vram", GPU_VRAM, "--socket"])
+            .arg(&sock)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|e| LabError::Other {
+                step: "fake-gpu".into(),
+                why: format!("cannot start {}: {e}", bin.display()),
+            })?;
+        self.gpu = Some(child);
+        if !wait_until(Duration::from_secs(20), || sock.exists()) {
+            return fail(
+                "fake-gpu",
+                format!(
+                    "socket did not appear within 20 s; log: {}",
+                    self.run_dir.join("fake-gpu.log").display()
+                ),
+            );
+        }
+        Ok(())
     }
 
     fn sock(&self, name: &str) -> PathBuf {
@@ -408,6 +515,9 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.stop_daemon(libc::SIGTERM);
+        if let Some(mut child) = self.gpu.take() {
+            stop_child(&mut child, libc::SIGTERM);
+        }
     }
 }
 
