@@ -33,11 +33,15 @@ lab_net_setup() {
         ip link set "$rif" netns remote
         ip -n remote link set "$rif" name eth-remote
         ip -n remote link set lo up
+        # Tests take the interfaces down and up (queues.py, devmem.py);
+        # keep the static IPv6 addresses across that, as IPv4 does.
+        ip netns exec remote sysctl -qw net.ipv6.conf.eth-remote.keep_addr_on_down=1
         ip -n remote addr add "$REMOTE_V4/24" dev eth-remote
         ip -n remote addr add "$REMOTE_V6/64" dev eth-remote nodad
         # The NICs allow MTU 9000; tests start from the usual 1500.
         ip -n remote link set eth-remote mtu 1500 up
     fi
+    sysctl -qw "net.ipv6.conf.$NETIF.keep_addr_on_down=1"
     ip addr replace "$LOCAL_V4/24" dev "$NETIF"
     ip addr replace "$LOCAL_V6/64" dev "$NETIF" nodad
     ip link set "$NETIF" mtu 1500 up
