@@ -118,32 +118,7 @@ mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 BZIMAGE="$OUTDIR/bzImage"
 
-is_current() {
-    [ -f "$BZIMAGE" ] && [ -f "$OUTDIR/.inputs-hash" ] &&
-        [ "$(cat "$OUTDIR/.inputs-hash")" = "$KEY" ]
-}
-
-if is_current; then
-    msg "$BZIMAGE is up to date (key $KEY)"
-    exit 0
-fi
-
-# Only ever write into a directory this script created (or an empty one).
-if [ -n "$(ls -A "$OUTDIR")" ] && [ ! -f "$OUTDIR/.inputs-hash" ] &&
-        [ ! -f "$OUTDIR/.build-in-progress" ]; then
-    die "$OUTDIR is not empty and was not created by $PROG; refusing to overwrite it"
-fi
-
-# Serialise concurrent builds into the same OUTDIR.
-exec 9>"$OUTDIR.lock"
-if ! flock -n 9; then
-    msg "another build into $OUTDIR is running; waiting for it"
-    flock 9
-fi
-if is_current; then
-    msg "$BZIMAGE was built meanwhile (key $KEY)"
-    exit 0
-fi
+claim_outdir "$BZIMAGE"
 
 recipe_begin vhost-nic-kernel-build
 

@@ -119,32 +119,7 @@ mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 INSTALL="$OUTDIR/kselftest"
 
-is_current() {
-    [ -f "$INSTALL/run_kselftest.sh" ] && [ -f "$OUTDIR/.inputs-hash" ] &&
-        [ "$(cat "$OUTDIR/.inputs-hash")" = "$KEY" ]
-}
-
-if is_current; then
-    msg "$INSTALL is up to date (key $KEY)"
-    exit 0
-fi
-
-# Only ever write into a directory this script created (or an empty one).
-if [ -n "$(ls -A "$OUTDIR")" ] && [ ! -f "$OUTDIR/.inputs-hash" ] &&
-        [ ! -f "$OUTDIR/.build-in-progress" ]; then
-    die "$OUTDIR is not empty and was not created by $PROG; refusing to overwrite it"
-fi
-
-# Serialise concurrent builds into the same OUTDIR.
-exec 9>"$OUTDIR.lock"
-if ! flock -n 9; then
-    msg "another build into $OUTDIR is running; waiting for it"
-    flock 9
-fi
-if is_current; then
-    msg "$INSTALL was built meanwhile (key $KEY)"
-    exit 0
-fi
+claim_outdir "$INSTALL/run_kselftest.sh"
 
 recipe_begin vhost-nic-kselftest-build
 

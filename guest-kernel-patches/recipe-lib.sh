@@ -27,6 +27,38 @@ DOWNLOAD_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/vhost-nic-lab/downloads"
 msg() { printf '%s: %s\n' "$PROG" "$*" >&2; }
 die() { msg "error: $*"; exit 1; }
 
+# outdir_is_current PRODUCT: OUTDIR holds PRODUCT made from the inputs whose
+# cache key is KEY.
+outdir_is_current() {
+    [ -f "$1" ] && [ -f "$OUTDIR/.inputs-hash" ] &&
+        [ "$(cat "$OUTDIR/.inputs-hash")" = "$KEY" ]
+}
+
+# claim_outdir PRODUCT: exits 0 when OUTDIR already holds PRODUCT for KEY,
+# also after waiting for a concurrent run into OUTDIR; otherwise returns
+# holding OUTDIR.lock on fd 9. Refuses a non-empty OUTDIR that the recipe
+# did not create.
+claim_outdir() {
+    local product=$1
+    if outdir_is_current "$product"; then
+        msg "$product is up to date (key $KEY)"
+        exit 0
+    fi
+    if [ -n "$(ls -A "$OUTDIR")" ] && [ ! -f "$OUTDIR/.inputs-hash" ] &&
+            [ ! -f "$OUTDIR/.build-in-progress" ]; then
+        die "$OUTDIR is not empty and was not created by $PROG; refusing to overwrite it"
+    fi
+    exec 9>"$OUTDIR.lock"
+    if ! flock -n 9; then
+        msg "another run into $OUTDIR is going on; waiting for it"
+        flock 9
+    fi
+    if outdir_is_current "$product"; then
+        msg "$product was made meanwhile (key $KEY)"
+        exit 0
+    fi
+}
+
 series_patches() {
     [ -f "$SERIES" ] || die "missing $SERIES"
     sed -e 's/#.*//' -e 's/[[:space:]]*$//' "$SERIES" | grep -v '^$' || true

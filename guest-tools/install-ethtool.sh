@@ -83,32 +83,7 @@ mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 BIN="$OUTDIR/bin/ethtool"
 
-is_current() {
-    [ -x "$BIN" ] && [ -f "$OUTDIR/.inputs-hash" ] &&
-        [ "$(cat "$OUTDIR/.inputs-hash")" = "$KEY" ]
-}
-
-if is_current; then
-    msg "$BIN is up to date (key $KEY)"
-    exit 0
-fi
-
-# Only ever wipe a directory this script created (or an empty one).
-if [ -n "$(ls -A "$OUTDIR")" ] && [ ! -f "$OUTDIR/.inputs-hash" ] &&
-        [ ! -f "$OUTDIR/.build-in-progress" ]; then
-    die "$OUTDIR is not empty and was not created by $PROG; refusing to overwrite it"
-fi
-
-# Serialise concurrent runs into the same OUTDIR.
-exec 9>"$OUTDIR.lock"
-if ! flock -n 9; then
-    msg "another run into $OUTDIR is going on; waiting for it"
-    flock 9
-fi
-if is_current; then
-    msg "$BIN was installed meanwhile (key $KEY)"
-    exit 0
-fi
+claim_outdir "$BIN"
 
 recipe_begin vhost-nic-ethtool
 
