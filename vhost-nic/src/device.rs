@@ -488,6 +488,10 @@ impl NetDevice {
                         stats.rx_buffers.add(u64::from(r.buffers));
                         stats.rx_bytes_to_ram.add(r.ram_bytes);
                         stats.rx_bytes_to_device_memory.add(r.device_bytes);
+                        stats.rx_payload_bytes_to_ram.add(r.payload_ram_bytes);
+                        stats
+                            .rx_payload_bytes_to_device_memory
+                            .add(r.payload_device_bytes);
                         if layout.split.is_some() {
                             if r.split {
                                 stats.rx_split.inc();

@@ -105,6 +105,11 @@ pub struct RxReport {
     pub ram_bytes: u64,
     /// Bytes that landed in other memory (device memory such as a GPU BAR).
     pub device_bytes: u64,
+    /// Of a split packet, the payload (the bytes after the headers) that
+    /// landed in guest RAM and in other memory; 0 when not split. Devmem
+    /// flows must show no payload in RAM.
+    pub payload_ram_bytes: u64,
+    pub payload_device_bytes: u64,
 }
 
 /// Why a packet was dropped.
@@ -289,11 +294,25 @@ impl RxWriter {
         }
 
         let (mut ram, mut device) = (0u64, 0u64);
+        let (mut payload_ram, mut payload_device) = (0u64, 0u64);
+        // The pieces are in stream order: virtio-net header, then the frame.
+        let payload_start = split_hdr.map(|hl| (vnet + hl) as u64);
+        let mut pos = 0u64;
         for p in &self.pieces {
+            let len = u64::from(p.len);
+            let payload =
+                payload_start.map_or(0, |start| (pos + len).saturating_sub(start.max(pos)));
             match p.kind {
-                RegionKind::Ram => ram += u64::from(p.len),
-                RegionKind::Device => device += u64::from(p.len),
+                RegionKind::Ram => {
+                    ram += len;
+                    payload_ram += payload;
+                }
+                RegionKind::Device => {
+                    device += len;
+                    payload_device += payload;
+                }
             }
+            pos += len;
         }
         let report = RxReport {
             buffers: u16::try_from(self.chains.len()).unwrap_or(u16::MAX),
@@ -302,6 +321,8 @@ impl RxWriter {
             split_hdr_len: split_hdr.unwrap_or(0),
             ram_bytes: ram,
             device_bytes: device,
+            payload_ram_bytes: payload_ram,
+            payload_device_bytes: payload_device,
         };
         let s = &mut self.stats;
         s.packets += 1;
@@ -790,6 +811,7 @@ mod tests {
         let r = rx.deliver(&SPLIT, &f);
         assert_eq!((r.split, r.split_hdr_len, r.buffers), (true, 54, 1));
         assert_eq!((r.ram_bytes, r.device_bytes), (66, 1000));
+        assert_eq!((r.payload_ram_bytes, r.payload_device_bytes), (0, 1000));
         let h = d.hdr(hb(0));
         assert_eq!(h.flags, VIRTIO_NET_HDR_F_SPLIT);
         assert_eq!((h.hdr_len, h.num_buffers), (54, 1));
@@ -800,6 +822,7 @@ mod tests {
 
         let r = rx.deliver(&SPLIT, &f);
         assert_eq!((r.ram_bytes, r.device_bytes), (66 + 512, 488));
+        assert_eq!((r.payload_ram_bytes, r.payload_device_bytes), (512, 488));
         assert_eq!(d.read(hb(1) + 12, 54), f[..54]);
         assert_eq!(d.read(hb(2), 512), f[54..54 + 512]);
         assert_eq!(d.read(pb(1), 488), f[54 + 512..]);
@@ -888,6 +911,8 @@ mod tests {
         let f = udp_frame(1000);
         let r = rx.deliver(&SPLIT, &f);
         assert!(!r.split);
+        // Not split: no payload is counted, wherever the bytes went.
+        assert_eq!((r.payload_ram_bytes, r.payload_device_bytes), (0, 0));
         assert_eq!(d.read(hb(1) + 12, HDR_BUF - 12), f[..HDR_BUF - 12]);
         assert_eq!(d.read(pb(1), f.len() + 12 - HDR_BUF), f[HDR_BUF - 12..]);
         assert_eq!(d.used(1).1 as usize, 12 + f.len());

@@ -116,6 +116,10 @@ pub struct QueueStats {
     /// memory such as a GPU BAR).
     pub rx_bytes_to_ram: Counter,
     pub rx_bytes_to_device_memory: Counter,
+    /// Payload of split packets (after the headers) written into guest RAM
+    /// and into other memory: a devmem queue shows none in RAM.
+    pub rx_payload_bytes_to_ram: Counter,
+    pub rx_payload_bytes_to_device_memory: Counter,
     pub rx_drops: DropCounters,
     pub tx_packets: Counter,
     pub tx_bytes: Counter,
