@@ -337,12 +337,17 @@ def plain_transfer(port, nbytes, seed=3):
 
 
 class Ncdevmem:
-    """ncdevmem -l (RX) with -v 7; its per-frag log is reduced to its tail.
-    With config=False (-n) the caller sets up header split, RSS and rules."""
+    """ncdevmem -l (RX) with -v 7; its per-frag log is reduced to its tail
+    (kept whole in frag_log if given). With config=False (-n) the caller
+    sets up header split, RSS and rules. provider: its -m (udmabuf,
+    fake-gpu)."""
 
-    def __init__(self, port, queue, config=True, validate=True, buffered=True):
+    def __init__(self, port, queue, config=True, validate=True, buffered=True,
+                 provider=None, frag_log=None):
         args = [NCDEVMEM, "-l", "-f", NETIF, "-s", LOCAL_V4, "-p", str(port),
                 "-t", str(queue), "-q", "1"]
+        if provider:
+            args += ["-m", provider]
         if config:
             args += ["-c", REMOTE_V4]
         else:
@@ -351,7 +356,8 @@ class Ncdevmem:
             args += ["-v", "7"]
         # stdio buffering for its two lines per frag (stderr is unbuffered).
         pre = "stdbuf -o1M -e1M " if buffered else ""
-        script = f"{pre}{' '.join(args)} 2>&1 >/dev/null | tail -n 25; exit ${{PIPESTATUS[0]}}"
+        keep = f"tee {frag_log} | " if frag_log else ""
+        script = f"{pre}{' '.join(args)} 2>&1 >/dev/null | {keep}tail -n 25; exit ${{PIPESTATUS[0]}}"
         self.port = port
         trace(script)
         # A process group of its own: kill() ends ncdevmem and tail too.
@@ -767,7 +773,7 @@ def bench_round(mode, streams, nbytes):
     n = channels()
     queues = list(range(n - streams, n))
     ports = [7100 + i for i in range(streams)]
-    nic = NicConfig(n - streams) if mode == "devmem" else None
+    nic = NicConfig(n - streams) if mode.startswith("devmem") else None
     if nic is None:
         sh(["ethtool", "-X", NETIF, "equal", str(n - streams)])
     rules, procs = [], []
@@ -775,7 +781,8 @@ def bench_round(mode, streams, nbytes):
         for port, q in zip(ports, queues):
             if nic:
                 nic.steer(port, q, src_port=port)
-                procs.append(Ncdevmem(port, q, config=False).proc)
+                provider = "fake-gpu" if mode == "devmem-gpu" else None
+                procs.append(Ncdevmem(port, q, config=False, provider=provider).proc)
             else:
                 out = sh(["ethtool", "-N", NETIF, "flow-type", "tcp4", "src-ip", REMOTE_V4,
                           "src-port", str(port), "dst-ip", LOCAL_V4, "dst-port", str(port),
@@ -823,17 +830,21 @@ def bench_round(mode, streams, nbytes):
 
 
 def bench(nbytes, rounds, *stream_counts):
+    """Alternates the modes of LAB_BENCH_MODES (default "devmem plain";
+    devmem-gpu: ncdevmem's fake-GPU provider, dma-bufs of VRAM)."""
     nbytes, rounds = int(nbytes), int(rounds)
+    modes = os.environ.get("LAB_BENCH_MODES", "devmem plain").split()
     sh(["ethtool", "-L", NETIF, "combined", str(max_channels())])
     log(f"{os.cpu_count()} guest CPUs; sender: devmem_e2e.py send-pattern in namespace remote; "
-        f"devmem: ncdevmem -v 7 (stdio buffered); plain: nettool.py recv (SHA-256)")
+        f"devmem: ncdevmem -v 7 (stdio buffered) into a udmabuf; devmem-gpu: the same into "
+        f"fake-GPU VRAM; plain: nettool.py recv (SHA-256)")
     for streams in (int(s) for s in stream_counts):
         if streams >= channels():
             log(f"{streams} streams: needs {streams} devmem queues and one more for RSS; "
                 f"{NETIF} has {channels()}")
             continue
         for _ in range(rounds):
-            for mode in ("devmem", "plain"):
+            for mode in modes:
                 bench_round(mode, streams, nbytes)
 
 
@@ -858,7 +869,12 @@ def main(selected):
     # Every queue pair the device has (the driver starts with one per CPU):
     # the devmem queues and RSS over the rest.
     sh(["ethtool", "-L", NETIF, "combined", str(max_channels())])
-    tests = [t for t in TESTS if not selected or t.__name__[5:] in selected]
+    return run_cases([t for t in TESTS if not selected or t.__name__[5:] in selected], prefix)
+
+
+def run_cases(tests, prefix):
+    """Runs test_* functions as KTAP cases named prefix + name; a case also
+    fails on kernel warnings logged while it ran."""
     print("TAP version 13", flush=True)
     print(f"1..{len(tests)}", flush=True)
     failed = 0

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use crate::lab::GpuShape;
 use crate::report::{self, Tally};
 use crate::step::{banner, fail, Result};
 use crate::{build, guest_prologue, kselftest_share, mount_kselftest, prepare_with, LabArgs};
@@ -93,10 +94,16 @@ pub fn bench(args: &LabArgs, bytes: u64, rounds: u32) -> Result<()> {
         "bench",
         &format!("devmem vs plain TCP receive: {rounds} x {bytes} bytes per mode, 1 and 3 streams"),
     );
+    let modes: &[&str] = if args.gpu == Some(GpuShape::Switch) {
+        &["devmem", "devmem-gpu", "plain"]
+    } else {
+        &["devmem", "plain"]
+    };
     let script = format!(
-        "{}{}python3 devmem_e2e.py bench {bytes} {rounds} 1 3\n",
+        "{}{}LAB_BENCH_MODES='{}' python3 devmem_e2e.py bench {bytes} {rounds} 1 3\n",
         guest_prologue(),
-        mount_kselftest()
+        mount_kselftest(),
+        modes.join(" ")
     );
     let run = p.lab.run_guest(&script, Duration::from_secs(7200), false)?;
     let samples: Vec<Sample> = run.output.lines().filter_map(parse_sample).collect();
@@ -120,12 +127,12 @@ pub fn bench(args: &LabArgs, bytes: u64, rounds: u32) -> Result<()> {
         p.lab.accel
     );
     println!(
-        "{:<7} {:>7} {:>12} {:>22} {:>22}",
+        "{:<10} {:>7} {:>12} {:>22} {:>22}",
         "mode", "streams", "Mbit/s", "guest CPU-s per GiB", "receiver CPU-s per GiB"
     );
     let mut rates = std::collections::BTreeMap::new();
     for streams in [1, 3] {
-        for mode in ["devmem", "plain"] {
+        for &mode in modes {
             let s: Vec<&Sample> = samples
                 .iter()
                 .filter(|s| s.mode == mode && s.streams == streams)
@@ -141,7 +148,7 @@ pub fn bench(args: &LabArgs, bytes: u64, rounds: u32) -> Result<()> {
             );
             let cpu = median(s.iter().map(|s| s.guest_cpu / total_gib).collect());
             let rx = median(s.iter().map(|s| s.rx_cpu / total_gib).collect());
-            println!("{mode:<7} {streams:>7} {mbps:>12.0} {cpu:>22.2} {rx:>22.2}");
+            println!("{mode:<10} {streams:>7} {mbps:>12.0} {cpu:>22.2} {rx:>22.2}");
             rates.insert((mode, streams), (mbps, cpu));
         }
         if let (Some(d), Some(p)) = (
@@ -152,6 +159,16 @@ pub fn bench(args: &LabArgs, bytes: u64, rounds: u32) -> Result<()> {
                 "{streams} stream(s): devmem / plain throughput {:.2}, guest CPU per GiB {:.2}",
                 d.0 / p.0,
                 d.1 / p.1
+            );
+        }
+        if let (Some(g), Some(d)) = (
+            rates.get(&("devmem-gpu", streams)),
+            rates.get(&("devmem", streams)),
+        ) {
+            println!(
+                "{streams} stream(s): devmem into VRAM / into udmabuf throughput {:.2}, guest CPU per GiB {:.2}",
+                g.0 / d.0,
+                g.1 / d.1
             );
         }
     }

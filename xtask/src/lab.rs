@@ -66,33 +66,24 @@ pub struct LabConfig {
     /// vhost-nic port of the first NIC; the second is always on the wire.
     pub local_port: String,
     pub nic_model: NicModel,
+    /// The fake GPU, and where (None: no GPU).
+    pub gpu: Option<GpuShape>,
 }
 
 /// The default: both NICs on vhost-nic's in-process wire.
 pub const WIRE_PORT: &str = "wire:lab";
 
-/// Where the fake GPU sits, from `LAB_GPU` (unset or empty: no GPU).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where the fake GPU sits (`--gpu`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum GpuShape {
-    /// On a downstream port of the NICs' PCIe switch (`LAB_GPU=switch`).
+    /// On a downstream port of the NICs' PCIe switch: peer-to-peer DMA
+    /// through the switch.
     Switch,
-    /// On the root complex, no common bridge with the NICs
-    /// (`LAB_GPU=root-complex`).
+    /// On the root complex, no common bridge with the NICs.
     RootComplex,
 }
 
 impl GpuShape {
-    fn from_env() -> Result<Option<GpuShape>> {
-        match std::env::var("LAB_GPU").unwrap_or_default().as_str() {
-            "" | "none" => Ok(None),
-            "switch" => Ok(Some(GpuShape::Switch)),
-            "root-complex" => Ok(Some(GpuShape::RootComplex)),
-            other => Err(LabError::Usage(format!(
-                "LAB_GPU={other}: expected switch, root-complex or none"
-            ))),
-        }
-    }
-
     fn bus(self) -> &'static str {
         match self {
             GpuShape::Switch => "sw-gpu",
@@ -156,7 +147,7 @@ impl Lab {
             .replace("@VECTORS@", &(2 * QUEUE_PAIRS + 2).to_string())
             .replace("@LOCAL_MAC@", LOCAL_MAC)
             .replace("@REMOTE_MAC@", REMOTE_MAC);
-        let gpu_shape = GpuShape::from_env()?;
+        let gpu_shape = cfg.gpu;
         let mut text = text;
         if let Some(shape) = gpu_shape {
             let template = repo_root().join("qemu-configs/machines/lab-gpu.cfg.in");
@@ -200,12 +191,7 @@ impl Lab {
             Ok(s) if s.success() => {}
             other => return fail("fake-gpu", format!("cargo build -p fake-gpu: {other:?}")),
         }
-        let bin = self
-            .cfg
-            .vhost_nic
-            .parent()
-            .map(|d| d.join("fake-gpu"))
-            .unwrap_or_else(|| PathBuf::from("fake-gpu"));
+        let bin = self.fake_gpu_bin();
         let log =
             fs::File::create(self.run_dir.join("fake-gpu.log")).map_err(|e| LabError::Other {
                 step: "fake-gpu".into(),
@@ -238,6 +224,20 @@ impl Lab {
             );
         }
         Ok(())
+    }
+
+    /// The fake-gpu binary, built next to vhost-nic.
+    pub fn fake_gpu_bin(&self) -> PathBuf {
+        self.cfg
+            .vhost_nic
+            .parent()
+            .map(|d| d.join("fake-gpu"))
+            .unwrap_or_else(|| PathBuf::from("fake-gpu"))
+    }
+
+    /// The fake GPU's ivshmem socket (`fake-gpu inspect --socket`).
+    pub fn gpu_socket(&self) -> PathBuf {
+        self.sock("gpu.sock")
     }
 
     fn sock(&self, name: &str) -> PathBuf {

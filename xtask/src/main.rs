@@ -5,6 +5,7 @@
 mod bench;
 mod build;
 mod devmem;
+mod fake_gpu;
 mod lab;
 mod paths;
 mod report;
@@ -20,7 +21,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::build::KernelChoice;
-use crate::lab::{AccelChoice, Lab, LabConfig, NicModel};
+use crate::lab::{AccelChoice, GpuShape, Lab, LabConfig, NicModel};
 use crate::report::Tally;
 use crate::step::{banner, LabError, Result};
 
@@ -36,7 +37,13 @@ enum Cmd {
     /// Build what is missing, boot a guest on two emulated NICs, move traffic, print a summary.
     Demo(LabArgs),
     /// Workspace tests, then the end-to-end suite in the guest.
-    Test(LabArgs),
+    Test {
+        #[command(flatten)]
+        lab: LabArgs,
+        /// Run only these parts (repeatable; default: all, in this order).
+        #[arg(long, value_enum)]
+        only: Vec<TestPart>,
+    },
     /// An interactive guest shell with the same devices.
     Vm(LabArgs),
     /// Throughput over the vhost-nic wire against QEMU's userspace
@@ -65,6 +72,26 @@ enum Cmd {
     },
 }
 
+/// The parts of `cargo xtask test`, each a guest (or host) run of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TestPart {
+    /// cargo test --workspace.
+    Unit,
+    /// The guest suite, a reboot and the daemon killed mid-transfer.
+    Suite,
+    /// A transfer through a host TAP port.
+    Tap,
+    /// The NICs behind stock QEMU's virtio-net-pci.
+    Stock,
+    /// Device memory TCP cases (tests/vm/devmem_e2e.py).
+    Devmem,
+    /// The fake GPU: its cases and devmem.py on VRAM, on the switch and on
+    /// the root complex.
+    FakeGpu,
+    /// Upstream kselftests in HW mode.
+    Selftests,
+}
+
 #[derive(Args, Clone)]
 struct LabArgs {
     /// A built bzImage to boot instead of building one.
@@ -79,6 +106,10 @@ struct LabArgs {
     /// Show the guest kernel log too.
     #[arg(long)]
     verbose: bool,
+    /// Add the fake GPU (fake-gpu serve, QEMU's ivshmem-doorbell) to the
+    /// machine: on the NICs' PCIe switch, or on the root complex.
+    #[arg(long, value_enum)]
+    gpu: Option<GpuShape>,
 }
 
 struct Prepared {
@@ -125,6 +156,7 @@ fn prepare_lab(
         extra_qemu_args,
         local_port: local_port.to_string(),
         nic_model,
+        gpu: args.gpu,
     })?;
     lab.choose_accel(args.accel)?;
     Ok(Prepared { lab })
@@ -157,10 +189,20 @@ fn guest_prologue() -> String {
 }
 
 fn demo(args: &LabArgs) -> Result<()> {
-    let p = prepare(args)?;
+    if args.gpu == Some(GpuShape::RootComplex) {
+        return Err(LabError::Usage(
+            "the demo moves devmem traffic through the fake GPU, which needs it on the NICs' switch: drop --gpu root-complex (try it with `cargo xtask vm --gpu root-complex`)".into(),
+        ));
+    }
+    let args = &LabArgs {
+        gpu: Some(GpuShape::Switch),
+        ..args.clone()
+    };
+    let installed = build::selftests(args.kernel_tree.as_deref())?;
+    let p = prepare_with(args, kselftest_share(&installed))?;
     banner(
         "demo",
-        "booting the guest and moving traffic over the emulated NICs",
+        "booting the guest and moving traffic over the emulated NICs and through the fake GPU",
     );
     let script = format!(
         "{}echo '--- NICs'\nip -br link show \"$NETIF\"; ip netns exec remote ip -br link show eth-remote\n\
@@ -168,8 +210,9 @@ fn demo(args: &LabArgs) -> Result<()> {
          echo '--- ping'\nping -c 3 \"$REMOTE_V4\" | tail -2\nping -6 -c 3 \"$REMOTE_V6\" | tail -2\n\
          echo '--- 256 MiB TCP transfer, verified by SHA-256 on the far side'\n\
          start=$(date +%s.%N)\nLAB_TRANSFER_BYTES=268435456 python3 suite.py tcp_transfer_checksum || exit 1\n\
-         end=$(date +%s.%N)\necho \"throughput: $(echo \"268435456*8/($end-$start)/1000000\" | bc -l | cut -d. -f1) Mbit/s\"\n",
-        guest_prologue()
+         end=$(date +%s.%N)\necho \"throughput: $(echo \"268435456*8/($end-$start)/1000000\" | bc -l | cut -d. -f1) Mbit/s\"\n{}",
+        guest_prologue(),
+        fake_gpu::demo_script()
     );
     let run = p.lab.run_guest(&script, Duration::from_secs(1800), false)?;
     let stats = p.lab.stats()?;
@@ -182,14 +225,21 @@ fn demo(args: &LabArgs) -> Result<()> {
         "guest run, boot to power-off: {:.1}s",
         run.elapsed.as_secs_f64()
     );
-    for line in run
-        .output
-        .lines()
-        .filter(|l| l.starts_with("throughput") || l.starts_with("ok "))
-    {
+    for line in run.output.lines().filter(|l| {
+        l.starts_with("throughput")
+            || l.starts_with("ok ")
+            || l.starts_with("tx: ")
+            || l.starts_with("rx: ")
+    }) {
         println!("{line}");
     }
     println!("{}", report::stats_table(&stats));
+    let proof = if run.status == Some(0) {
+        println!("=== devmem through fake-GPU VRAM, checked from the host ===");
+        fake_gpu::demo_prove(&p.lab)
+    } else {
+        Ok(())
+    };
     println!(
         "run directory (logs, console, QEMU config): {}",
         p.lab.run_dir.display()
@@ -204,13 +254,43 @@ fn demo(args: &LabArgs) -> Result<()> {
             ),
         });
     }
-    Ok(())
+    proof
 }
 
-fn test(args: &LabArgs) -> Result<Tally> {
+fn test(args: &LabArgs, only: &[TestPart]) -> Result<Tally> {
+    let run = |part| only.is_empty() || only.contains(&part);
     let mut tally = Tally::default();
-    banner("unit", "cargo test --workspace");
-    tally.add(report::cargo_tests()?);
+    if run(TestPart::Unit) {
+        banner("unit", "cargo test --workspace");
+        tally.add(report::cargo_tests()?);
+    }
+    if run(TestPart::Suite) {
+        tally.add(guest_suite(args)?);
+    }
+    if run(TestPart::Tap) {
+        tally.add(tap_port_transfer(args)?);
+    }
+    if run(TestPart::Stock) {
+        tally.add(stock_virtio_net_pci(args)?);
+    }
+    if run(TestPart::Devmem) {
+        tally.add(devmem::e2e(args)?);
+    }
+    if run(TestPart::FakeGpu) {
+        tally.add(fake_gpu::e2e(args)?);
+    }
+    if run(TestPart::Selftests) {
+        banner("e2e", "upstream kselftests in HW mode");
+        tally.add(selftests(args, UPSTREAM_SELFTESTS)?);
+    }
+    Ok(tally)
+}
+
+/// The guest suite (tests/vm/suite.py), a reboot with the daemon kept
+/// running, the host's view of the queues, and the daemon killed
+/// mid-transfer.
+fn guest_suite(args: &LabArgs) -> Result<Tally> {
+    let mut tally = Tally::default();
     let p = prepare(args)?;
     banner("e2e", "end-to-end suite in the guest");
     let script = format!(
@@ -243,12 +323,6 @@ fn test(args: &LabArgs) -> Result<Tally> {
     );
     let mut lab = p.lab;
     tally.add(daemon_killed_mid_transfer(&mut lab)?);
-    drop(lab);
-    tally.add(tap_port_transfer(args)?);
-    tally.add(stock_virtio_net_pci(args)?);
-    tally.add(devmem::e2e(args)?);
-    banner("e2e", "upstream kselftests in HW mode");
-    tally.add(selftests(args, UPSTREAM_SELFTESTS)?);
     Ok(tally)
 }
 
@@ -308,7 +382,7 @@ fn daemon_killed_mid_transfer(lab: &mut Lab) -> Result<Tally> {
 }
 
 /// Where the guest mounts the installed kselftests (a read-only 9p share).
-const GUEST_KSELFTEST_DIR: &str = "/mnt/kselftest";
+pub(crate) const GUEST_KSELFTEST_DIR: &str = "/mnt/kselftest";
 
 /// The TAP port: the guest's first NIC is served through a host TAP device,
 /// which the test moves into a network namespace of its own (a test host on
@@ -655,7 +729,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.cmd {
         Cmd::Demo(a) => demo(a).map(|()| None),
-        Cmd::Test(a) => test(a).map(Some),
+        Cmd::Test { lab, only } => test(lab, only).map(Some),
         Cmd::Vm(a) => prepare(a).and_then(|p| {
             eprintln!(
                 "guest shell: run `source {} && lab_net_setup` for the lab network; `poweroff -f` to leave",

@@ -107,6 +107,19 @@ pub fn cargo_tests() -> Result<Tally> {
     Ok(t)
 }
 
+/// The per-queue-pair counters of one device (nic0, nic1).
+pub fn queue_stats(stats: &serde_json::Value, dev: &str) -> Vec<serde_json::Value> {
+    queues(stats, dev)
+}
+
+/// A per-queue counter summed over a device's queue pairs.
+pub fn device_sum(stats: &serde_json::Value, dev: &str, key: &str) -> u64 {
+    queues(stats, dev)
+        .iter()
+        .filter_map(|q| q[key].as_u64())
+        .sum()
+}
+
 fn queues(stats: &serde_json::Value, dev: &str) -> Vec<serde_json::Value> {
     stats["devices"]
         .as_array()
