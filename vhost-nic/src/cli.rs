@@ -44,9 +44,13 @@ pub struct Cli {
     /// Do not offer RSS contexts.
     #[arg(long)]
     pub no_rss_contexts: bool,
+    /// Do not offer the hash field extension (per-field hash selection and
+    /// symmetric transforms).
+    #[arg(long)]
+    pub no_hash_fields: bool,
     /// A device as KEY=VALUE,... with keys socket (required), port, queues, mac, mtu,
     /// queue-size, pairs-per-thread, admin-vq (on/off), split-header (on/off),
-    /// rss-contexts (on/off). Repeatable.
+    /// rss-contexts (on/off), hash-fields (on/off). Repeatable.
     #[arg(long)]
     pub device: Vec<String>,
     /// UNIX socket answering `stats` with all counters as JSON.
@@ -100,6 +104,7 @@ impl Cli {
             admin_vq: !self.no_admin_vq,
             split_header: !self.no_split_header,
             rss_contexts: !self.no_rss_contexts,
+            hash_fields: !self.no_hash_fields,
         })
     }
 
@@ -156,6 +161,10 @@ impl Cli {
                         o.rss_contexts =
                             on_off(v).ok_or_else(|| bad(format!("{k}: expected on or off")))?
                     }
+                    "hash-fields" => {
+                        o.hash_fields =
+                            on_off(v).ok_or_else(|| bad(format!("{k}: expected on or off")))?
+                    }
                     _ => return Err(bad(format!("unknown key `{k}`"))),
                 }
             }
@@ -201,6 +210,28 @@ mod tests {
         assert_ne!(d[0].mac, d[1].mac);
         assert_eq!(d[1].queue_pairs, 2);
         assert!(!d[1].admin_vq);
+    }
+
+    #[test]
+    fn hash_fields_on_by_default() {
+        let d = cli(&["--socket", "/tmp/s"]).devices().unwrap();
+        assert!(d[0].hash_fields);
+        let d = cli(&["--socket", "/tmp/s", "--no-hash-fields"])
+            .devices()
+            .unwrap();
+        assert!(!d[0].hash_fields);
+        let d = cli(&[
+            "--device",
+            "socket=/tmp/a,hash-fields=off",
+            "--device",
+            "socket=/tmp/b,hash-fields=on",
+        ])
+        .devices()
+        .unwrap();
+        assert!(!d[0].hash_fields && d[1].hash_fields);
+        assert!(cli(&["--device", "socket=/a,hash-fields=maybe"])
+            .devices()
+            .is_err());
     }
 
     #[test]

@@ -137,6 +137,8 @@ pub struct DeviceOptions {
     pub split_header: bool,
     /// Offer RSS contexts (VIRTIO_NET_F_RSS_CONTEXT_ALIAS).
     pub rss_contexts: bool,
+    /// Offer the hash field extension (VIRTIO_NET_CTRL_HASH_FIELDS).
+    pub hash_fields: bool,
 }
 
 impl DeviceOptions {
@@ -262,6 +264,7 @@ pub(crate) mod tests {
             admin_vq: true,
             split_header: true,
             rss_contexts: true,
+            hash_fields: true,
         }
     }
 

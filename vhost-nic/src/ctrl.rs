@@ -1,6 +1,6 @@
 //! The control virtqueue: receive filtering, MAC addresses, multiqueue and
 //! RSS configuration, RSS contexts, guest offloads, and the header split
-//! extension.
+//! and hash field extensions.
 //!
 //! Commands arrive from the guest as `class, command, data`; the device
 //! answers with one ack byte, followed by a command-specific result for
@@ -10,6 +10,7 @@
 use crate::config::{
     MacAddr, MAX_QUEUE_PAIRS, RSS_MAX_CONTEXTS, RSS_MAX_INDIRECTION_LEN, RSS_MAX_KEY_SIZE,
 };
+use crate::hash_fields::{self, HashFields, HashFieldsLimits};
 use crate::rss::{self, HashConfig, RssConfig, RssLimits};
 use crate::rss_ctx::{self, RssContexts, RssCtxLimits};
 use crate::rx::SplitParams;
@@ -42,6 +43,9 @@ pub struct ControlState {
     pub split: Option<SplitParams>,
     /// RSS contexts besides the default configuration (VIRTNET_RSS_CTX_CTRL).
     pub rss_contexts: RssContexts,
+    /// Fields hashed per hash type, and the input transform
+    /// (VIRTIO_NET_CTRL_HASH_FIELDS), for `rss` and `hash_only`.
+    pub hash_fields: HashFields,
 }
 
 impl ControlState {
@@ -64,6 +68,7 @@ impl ControlState {
             guest_offloads,
             split: None,
             rss_contexts: RssContexts::default(),
+            hash_fields: HashFields::default(),
         }
     }
 
@@ -95,6 +100,8 @@ pub struct CtrlLimits {
     /// Negotiated features: commands for features not negotiated fail.
     pub features: u64,
     pub split_header_buf_len: u16,
+    /// The device offers the hash field extension (it has no feature bit).
+    pub hash_fields: bool,
 }
 
 fn has(features: u64, b: u32) -> bool {
@@ -144,6 +151,23 @@ pub fn handle_command_reply(
             rss_ctx::execute(&mut state.rss_contexts, &ctx_limits, *command, data, room)
                 .map_err(|e| log::debug!("RSS context command {command}: {e}"))
                 .ok()
+        }
+        // Without a feature bit: known when the device offers it and the
+        // driver negotiated a hash (RSS or hash reports).
+        [class, command, data @ ..]
+            if *class == VIRTIO_NET_CTRL_HASH_FIELDS
+                && limits.hash_fields
+                && (has(f, VIRTIO_NET_F_RSS) || has(f, VIRTIO_NET_F_HASH_REPORT)) =>
+        {
+            hash_fields::execute(
+                &mut state.hash_fields,
+                &HashFieldsLimits::DEVICE,
+                *command,
+                data,
+                room,
+            )
+            .map_err(|e| log::debug!("hash fields command {command}: {e}"))
+            .ok()
         }
         [class, command, data @ ..] => {
             execute(state, limits, *class, *command, data).map(|()| Vec::new())

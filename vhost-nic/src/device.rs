@@ -354,7 +354,7 @@ impl NetDevice {
         }
         let report = self.has_feature(VIRTIO_NET_F_HASH_REPORT);
         if let Some(rss) = &control.rss {
-            let d = rss.select_queue(&parsed);
+            let d = rss.select_queue_with(&control.hash_fields, &parsed);
             queue = queue.or(Some(d.queue));
             if report {
                 hdr_out.hash_value = d.hash_value;
@@ -362,8 +362,10 @@ impl NetDevice {
             }
         } else {
             if report {
-                if let Some((hash, report)) =
-                    control.hash_only.as_ref().and_then(|h| h.hash(&parsed))
+                if let Some((hash, report)) = control
+                    .hash_only
+                    .as_ref()
+                    .and_then(|h| h.hash_with(&control.hash_fields, &parsed))
                 {
                     hdr_out.hash_value = hash;
                     hdr_out.hash_report = report;
@@ -651,6 +653,7 @@ impl NetDevice {
                 max_pairs: self.opts.queue_pairs,
                 features: self.acked_features(),
                 split_header_buf_len: SPLIT_HEADER_BUF_LEN,
+                hash_fields: self.opts.hash_fields,
             };
             let mut c = self.control.write().unwrap_or_else(|e| e.into_inner());
             let before = c.guest_offloads;

@@ -4,7 +4,7 @@
 //! Layout: `device` is the NIC model and `backend` its vhost-user glue;
 //! `ctrl` and `admin` execute control and admin queue commands; `rss`,
 //! `flow_filter` steer received frames (`rss_ctx` keeps the additional RSS
-//! contexts); `rx` writes them into receive
+//! contexts, `hash_fields` the hash field selection); `rx` writes them into receive
 //! chains (header split included), `chain` validates descriptor chains and
 //! `memory` tells RAM from device memory; `offload` does checksums and
 //! segmentation in software; `port` holds the wire and TAP ends;
@@ -22,6 +22,7 @@ pub mod daemon;
 pub mod device;
 pub mod flow_filter;
 pub mod frontend_relay;
+pub mod hash_fields;
 pub mod hdr;
 pub mod memory;
 pub mod offload;

@@ -20,6 +20,10 @@
 
 use thiserror::Error;
 
+use crate::hash_fields::{
+    HashFields, Xfrm, SPEC_FIELDS, VIRTIO_NET_HASH_FIELD_DST_IP, VIRTIO_NET_HASH_FIELD_DST_PORT,
+    VIRTIO_NET_HASH_FIELD_SRC_IP, VIRTIO_NET_HASH_FIELD_SRC_PORT,
+};
 use crate::packet::{IpAddrs, ParsedPacket, L4};
 
 /// Control class and commands that carry the configurations parsed here.
@@ -197,6 +201,30 @@ impl HashInput {
     fn as_slice(&self) -> &[u8] {
         self.buf.get(..self.len).unwrap_or(&[])
     }
+
+    /// Appends the selected fields of a source/destination pair, combined
+    /// by `xfrm`. `src` and `dst` have the same length.
+    fn push_pair(&mut self, src: &[u8], dst: &[u8], take: (bool, bool), xfrm: Xfrm) {
+        if xfrm == Xfrm::None {
+            if take.0 {
+                self.push(src);
+            }
+            if take.1 {
+                self.push(dst);
+            }
+            return;
+        }
+        if take.0 {
+            for (&s, &d) in src.iter().zip(dst) {
+                self.push(&[xfrm.apply(s, d).0]);
+            }
+        }
+        if take.1 {
+            for (&s, &d) in src.iter().zip(dst) {
+                self.push(&[xfrm.apply(s, d).1]);
+            }
+        }
+    }
 }
 
 /// Picks the hash fields per the spec's rules: whether the ports are hashed
@@ -260,23 +288,40 @@ pub fn compute_hash(
     hash_types: u32,
     pkt: &ParsedPacket,
 ) -> Option<(u32, u16)> {
+    compute_hash_with(cfg_key, hash_types, &SPEC_FIELDS, pkt)
+}
+
+/// [`compute_hash`] with the hash field extension: the type is chosen as
+/// the spec says, then only the fields `sel` selects for it enter the input
+/// (in the same order), combined by its transform.
+pub fn compute_hash_with(
+    cfg_key: &ToeplitzKey,
+    hash_types: u32,
+    sel: &HashFields,
+    pkt: &ParsedPacket,
+) -> Option<(u32, u16)> {
     let (with_ports, report) = classify(hash_types, pkt)?;
+    let fields = sel.for_report(report);
+    let xfrm = sel.xfrm();
+    let take = |s: u16, d: u16| (fields & s != 0, fields & d != 0);
+    let ip = take(VIRTIO_NET_HASH_FIELD_SRC_IP, VIRTIO_NET_HASH_FIELD_DST_IP);
     let mut input = HashInput::new();
     match pkt.ip? {
-        IpAddrs::V4 { src, dst } => {
-            input.push(&src);
-            input.push(&dst);
-        }
+        IpAddrs::V4 { src, dst } => input.push_pair(&src, &dst, ip, xfrm),
         // _EX simplification: see the module documentation.
-        IpAddrs::V6 { src, dst } => {
-            input.push(&src);
-            input.push(&dst);
-        }
+        IpAddrs::V6 { src, dst } => input.push_pair(&src, &dst, ip, xfrm),
     }
     if with_ports {
         let (sport, dport) = pkt.ports()?;
-        input.push(&sport.to_be_bytes());
-        input.push(&dport.to_be_bytes());
+        input.push_pair(
+            &sport.to_be_bytes(),
+            &dport.to_be_bytes(),
+            take(
+                VIRTIO_NET_HASH_FIELD_SRC_PORT,
+                VIRTIO_NET_HASH_FIELD_DST_PORT,
+            ),
+            xfrm,
+        );
     }
     Some((cfg_key.hash(input.as_slice()), report))
 }
@@ -492,14 +537,24 @@ impl RssConfig {
 
     /// Hash and report for `pkt` under this configuration.
     pub fn hash(&self, pkt: &ParsedPacket) -> Option<(u32, u16)> {
-        compute_hash(&self.key, self.hash_types, pkt)
+        self.hash_with(&SPEC_FIELDS, pkt)
+    }
+
+    /// [`RssConfig::hash`] on the fields `sel` selects.
+    pub fn hash_with(&self, sel: &HashFields, pkt: &ParsedPacket) -> Option<(u32, u16)> {
+        compute_hash_with(&self.key, self.hash_types, sel, pkt)
     }
 
     /// The spec's RSS processing: hashed packets go to
     /// `indirection_table[hash & mask]`, the rest to `unclassified_queue`.
     /// Dropping packets for a queue under reset is up to the caller.
     pub fn select_queue(&self, pkt: &ParsedPacket) -> RssDecision {
-        match self.hash(pkt) {
+        self.select_queue_with(&SPEC_FIELDS, pkt)
+    }
+
+    /// [`RssConfig::select_queue`], hashing the fields `sel` selects.
+    pub fn select_queue_with(&self, sel: &HashFields, pkt: &ParsedPacket) -> RssDecision {
+        match self.hash_with(sel, pkt) {
             Some((hash_value, hash_report)) => RssDecision {
                 queue: self
                     .indirection_table
@@ -529,7 +584,12 @@ pub struct HashConfig {
 impl HashConfig {
     /// Hash and report for `pkt`, `None` when no enabled type applies.
     pub fn hash(&self, pkt: &ParsedPacket) -> Option<(u32, u16)> {
-        compute_hash(&self.key, self.hash_types, pkt)
+        self.hash_with(&SPEC_FIELDS, pkt)
+    }
+
+    /// [`HashConfig::hash`] on the fields `sel` selects.
+    pub fn hash_with(&self, sel: &HashFields, pkt: &ParsedPacket) -> Option<(u32, u16)> {
+        compute_hash_with(&self.key, self.hash_types, sel, pkt)
     }
 }
 
@@ -865,6 +925,163 @@ mod tests {
         assert_eq!(
             compute_hash(&k, ALL, &p),
             Some((ip_hash, VIRTIO_NET_HASH_REPORT_IPV4))
+        );
+    }
+
+    /// `HashFields` from a `struct virtio_net_hash_fields_set`: `xfrm` and
+    /// every type's fields as in the spec except `(report, fields)`.
+    fn fields(xfrm: u8, changes: &[(u16, u16)]) -> HashFields {
+        use crate::hash_fields::*;
+        let mut f: Vec<u16> = (1..=9).map(|r| SPEC_FIELDS.for_report(r)).collect();
+        for &(report, sel) in changes {
+            f[usize::from(report) - 1] = sel;
+        }
+        let mut b = vec![xfrm, 0, 0, 0];
+        for v in f {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        parse_set(&b, &HashFieldsLimits::DEVICE).unwrap()
+    }
+
+    #[test]
+    fn selected_fields_known_values() {
+        use crate::hash_fields::*;
+        let k = key();
+        let (src, sport, dst, dport, ip_hash, tcp_hash) = MS_V4[0];
+        let tcp = packet::parse(&frame4(IPPROTO_TCP, src, sport, dst, dport, 0));
+        let tcp4 = VIRTIO_NET_HASH_REPORT_TCPV4;
+        // The spec's fields, selected explicitly, give the spec's hash.
+        assert_eq!(
+            compute_hash_with(&k, ALL, &fields(0, &[]), &tcp),
+            Some((tcp_hash, tcp4))
+        );
+        // Addresses only, with the TCPv4 type still the one reported.
+        let ip_only = fields(0, &[(tcp4, VIRTIO_NET_HASH_FIELDS_IP)]);
+        assert_eq!(
+            compute_hash_with(&k, ALL, &ip_only, &tcp),
+            Some((ip_hash, tcp4))
+        );
+        // Values from an independent Toeplitz implementation.
+        let src_only = fields(0, &[(tcp4, VIRTIO_NET_HASH_FIELD_SRC_IP)]);
+        assert_eq!(
+            compute_hash_with(&k, ALL, &src_only, &tcp),
+            Some((0x0e48_b9de, tcp4))
+        );
+        let dst_dport = fields(
+            0,
+            &[(
+                tcp4,
+                VIRTIO_NET_HASH_FIELD_DST_IP | VIRTIO_NET_HASH_FIELD_DST_PORT,
+            )],
+        );
+        assert_eq!(
+            compute_hash_with(&k, ALL, &dst_dport, &tcp),
+            Some((0xc354_3096, tcp4))
+        );
+        let xor = fields(VIRTIO_NET_HASH_XFRM_SYM_XOR, &[]);
+        assert_eq!(
+            compute_hash_with(&k, ALL, &xor, &tcp),
+            Some((0xac2b_58ca, tcp4))
+        );
+        let or_xor = fields(VIRTIO_NET_HASH_XFRM_SYM_OR_XOR, &[]);
+        assert_eq!(
+            compute_hash_with(&k, ALL, &or_xor, &tcp),
+            Some((0xa655_24fa, tcp4))
+        );
+        // No field: an empty input hashes to 0.
+        let none = fields(0, &[(tcp4, 0)]);
+        assert_eq!(compute_hash_with(&k, ALL, &none, &tcp), Some((0, tcp4)));
+        // A selection for TCPv4 leaves UDPv4 alone.
+        let udp = packet::parse(&frame4(IPPROTO_UDP, src, sport, dst, dport, 0));
+        assert_eq!(
+            compute_hash_with(&k, ALL, &src_only, &udp),
+            Some((tcp_hash, VIRTIO_NET_HASH_REPORT_UDPV4))
+        );
+        // Fragments take the IPv4 type and its fields.
+        let frag = packet::parse(&frame4(IPPROTO_TCP, src, sport, dst, dport, 0x2000));
+        assert_eq!(
+            compute_hash_with(&k, ALL, &src_only, &frag),
+            Some((ip_hash, VIRTIO_NET_HASH_REPORT_IPV4))
+        );
+        // The configurations hash with the selection they are given.
+        let cfg = parse_rss_config(&rss_buf(V4 | V6, &table4(), 0, 4, &MS_KEY), &limits()).unwrap();
+        assert_eq!(cfg.hash_with(&src_only, &tcp), Some((0x0e48_b9de, tcp4)));
+        assert_eq!(cfg.select_queue_with(&none, &tcp).queue, table4()[0]);
+        assert_eq!(
+            cfg.select_queue_with(&SPEC_FIELDS, &tcp),
+            cfg.select_queue(&tcp)
+        );
+    }
+
+    #[test]
+    fn symmetric_transforms_hash_both_directions_alike() {
+        use crate::hash_fields::*;
+        let k = key();
+        let ip_only = |r: u16| (r, VIRTIO_NET_HASH_FIELDS_IP);
+        for xfrm in [
+            VIRTIO_NET_HASH_XFRM_SYM_XOR,
+            VIRTIO_NET_HASH_XFRM_SYM_OR_XOR,
+        ] {
+            let sels = [
+                fields(xfrm, &[]),
+                fields(
+                    xfrm,
+                    &[
+                        ip_only(VIRTIO_NET_HASH_REPORT_TCPV4),
+                        ip_only(VIRTIO_NET_HASH_REPORT_UDPV6),
+                    ],
+                ),
+                fields(
+                    xfrm,
+                    &[(VIRTIO_NET_HASH_REPORT_TCPV6, VIRTIO_NET_HASH_FIELDS_L4)],
+                ),
+            ];
+            for sel in &sels {
+                for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+                    for (src, sport, dst, dport, _, _) in MS_V4 {
+                        let there = packet::parse(&frame4(proto, src, sport, dst, dport, 0));
+                        let back = packet::parse(&frame4(proto, dst, dport, src, sport, 0));
+                        let h = compute_hash_with(&k, ALL, sel, &there);
+                        assert!(h.is_some());
+                        assert_eq!(h, compute_hash_with(&k, ALL, sel, &back));
+                    }
+                    for (src, sport, dst, dport, _, _) in ms_v6() {
+                        let there = packet::parse(&frame6(proto, src, sport, dst, dport, false));
+                        let back = packet::parse(&frame6(proto, dst, dport, src, sport, false));
+                        let h = compute_hash_with(&k, ALL, sel, &there);
+                        assert!(h.is_some());
+                        assert_eq!(h, compute_hash_with(&k, ALL, sel, &back));
+                    }
+                }
+            }
+        }
+        // Without a transform the two directions differ.
+        let (src, sport, dst, dport, _, _) = MS_V4[1];
+        let there = packet::parse(&frame4(IPPROTO_TCP, src, sport, dst, dport, 0));
+        let back = packet::parse(&frame4(IPPROTO_TCP, dst, dport, src, sport, 0));
+        assert_ne!(compute_hash(&k, ALL, &there), compute_hash(&k, ALL, &back));
+        // The transformed input, hashed bit by bit, is what the device hashes.
+        let x: Vec<u8> = src.iter().zip(dst).map(|(a, b)| a ^ b).collect();
+        let p = (sport ^ dport).to_be_bytes();
+        let o: Vec<u8> = src.iter().zip(dst).map(|(a, b)| a | b).collect();
+        let po = (sport | dport).to_be_bytes();
+        let xor_input = [&x[..], &x, &p, &p].concat();
+        let or_xor_input = [&o[..], &x, &po, &p].concat();
+        assert_eq!(
+            compute_hash_with(&k, ALL, &fields(VIRTIO_NET_HASH_XFRM_SYM_XOR, &[]), &there),
+            Some((toeplitz(&MS_KEY, &xor_input), VIRTIO_NET_HASH_REPORT_TCPV4))
+        );
+        assert_eq!(
+            compute_hash_with(
+                &k,
+                ALL,
+                &fields(VIRTIO_NET_HASH_XFRM_SYM_OR_XOR, &[]),
+                &there
+            ),
+            Some((
+                toeplitz(&MS_KEY, &or_xor_input),
+                VIRTIO_NET_HASH_REPORT_TCPV4
+            ))
         );
     }
 

@@ -27,6 +27,12 @@ pub const VIRTNET_RSS_CTX_CTRL_ADD: u8 = 1;
 pub const VIRTNET_RSS_CTX_CTRL_MOD: u8 = 2;
 pub const VIRTNET_RSS_CTX_CTRL_DEL: u8 = 3;
 
+/// Hash field selection extension: control class and commands, no feature
+/// bit (discovered by CAP_GET).
+pub const VIRTIO_NET_CTRL_HASH_FIELDS: u8 = 0x41;
+pub const VIRTIO_NET_CTRL_HASH_FIELDS_CAP_GET: u8 = 0;
+pub const VIRTIO_NET_CTRL_HASH_FIELDS_SET: u8 = 1;
+
 /// Offsets into struct virtio_net_config.
 pub const CFG_MAC: usize = 0;
 pub const CFG_STATUS: usize = 6;

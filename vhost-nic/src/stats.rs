@@ -142,6 +142,9 @@ pub struct DeviceStats {
     /// RSS context commands (VIRTNET_RSS_CTX_CTRL), included in the above.
     pub rss_ctx_commands: Counter,
     pub rss_ctx_errors: Counter,
+    /// VIRTIO_NET_CTRL_HASH_FIELDS commands, and the refused ones.
+    pub hash_fields_commands: Counter,
+    pub hash_fields_errors: Counter,
     pub admin_commands: Counter,
     pub admin_errors: Counter,
     pub config_writes_rejected: Counter,
@@ -152,11 +155,18 @@ impl DeviceStats {
     /// Counts a control command by class, beyond `ctrl_commands` and
     /// `ctrl_errors`.
     pub fn count_ctrl_class(&self, request: &[u8], ok: bool) {
-        if request.first() == Some(&crate::spec::VIRTNET_RSS_CTX_CTRL) {
-            self.rss_ctx_commands.inc();
-            if !ok {
-                self.rss_ctx_errors.inc();
+        let (commands, errors) = match request.first() {
+            Some(&crate::spec::VIRTNET_RSS_CTX_CTRL) => {
+                (&self.rss_ctx_commands, &self.rss_ctx_errors)
             }
+            Some(&crate::spec::VIRTIO_NET_CTRL_HASH_FIELDS) => {
+                (&self.hash_fields_commands, &self.hash_fields_errors)
+            }
+            _ => return,
+        };
+        commands.inc();
+        if !ok {
+            errors.inc();
         }
     }
 }
@@ -186,6 +196,12 @@ mod tests {
         d.count_ctrl_class(&[crate::spec::VIRTNET_RSS_CTX_CTRL, 3], false);
         d.count_ctrl_class(&[4, 1], false);
         d.count_ctrl_class(&[], false);
+        assert_eq!((d.rss_ctx_commands.get(), d.rss_ctx_errors.get()), (2, 1));
+        d.count_ctrl_class(&[crate::spec::VIRTIO_NET_CTRL_HASH_FIELDS, 1], false);
+        assert_eq!(
+            (d.hash_fields_commands.get(), d.hash_fields_errors.get()),
+            (1, 1)
+        );
         assert_eq!((d.rss_ctx_commands.get(), d.rss_ctx_errors.get()), (2, 1));
     }
 }

@@ -381,6 +381,87 @@ fn rss_spreads_over_four_queues_with_hash_report() {
     assert_eq!(got[0].len() + got[1].len(), 16);
 }
 
+#[test]
+fn symmetric_hash_fields_steer_both_directions_to_one_queue() {
+    use vhost_nic::hash_fields::*;
+    let fb = BASE | bit(VIRTIO_NET_F_MQ) | bit(VIRTIO_NET_F_RSS) | bit(VIRTIO_NET_F_HASH_REPORT);
+    let (mut a, mut b) = pair(BASE, fb);
+    let cfg = configure_rss(&mut b, TCP_HASHES, 0);
+    let flows: Vec<Flow> = (0..32).map(Flow::nth).collect();
+    let reversed = |f: &Flow| Flow::new(f.dst, f.src, f.dport, f.sport);
+    // Per received frame: (queue, hash) of the flow and of its reverse.
+    let steer = |a: &mut Nic, b: &mut Nic| -> Vec<((u16, u32), (u16, u32))> {
+        let mut out = Vec::new();
+        for f in &flows {
+            let mut got = Vec::new();
+            for flow in [*f, reversed(f)] {
+                a.send(&tcp4(MAC_B, &flow, 10));
+                let rx = b.receive_all();
+                let (q, r) = rx
+                    .iter()
+                    .enumerate()
+                    .find_map(|(q, r)| r.first().map(|r| (q as u16, r.clone())))
+                    .unwrap();
+                assert_eq!(u32::from(r.hdr.hash_report), VIRTIO_NET_HASH_REPORT_TCPv4);
+                got.push((q, r.hdr.hash_value));
+            }
+            out.push((got[0], got[1]));
+        }
+        out
+    };
+    // The spec's fields: the directions of a flow hash apart.
+    let plain = steer(&mut a, &mut b);
+    assert!(plain.iter().all(|(x, y)| x.1 != y.1));
+    for (i, f) in flows.iter().enumerate() {
+        let d = cfg.select_queue(&parse(&tcp4(MAC_B, f, 10)));
+        assert_eq!(plain[i].0, (d.queue, d.hash_value));
+    }
+
+    let mut set = encode_set(&SPEC_FIELDS);
+    set[0] = VIRTIO_NET_HASH_XFRM_SYM_XOR;
+    let fields_class = u32::from(VIRTIO_NET_CTRL_HASH_FIELDS);
+    b.ctrl_ok(
+        fields_class,
+        u32::from(VIRTIO_NET_CTRL_HASH_FIELDS_SET),
+        &set,
+    );
+    let sym = steer(&mut a, &mut b);
+    assert!(sym.iter().all(|(x, y)| x == y), "{sym:?}");
+    let queues: std::collections::BTreeSet<u16> = sym.iter().map(|(x, _)| x.0).collect();
+    assert!(
+        queues.len() > 1,
+        "symmetric hashing spread nothing: {queues:?}"
+    );
+
+    // An asymmetric selection is refused with the transform on, and changes
+    // nothing.
+    // fields[1] (TCPv4) is at byte 6.
+    set[6..8].copy_from_slice(&VIRTIO_NET_HASH_FIELD_SRC_IP.to_le_bytes());
+    assert_eq!(
+        b.ctrl(
+            VIRTIO_NET_CTRL_HASH_FIELDS,
+            VIRTIO_NET_CTRL_HASH_FIELDS_SET,
+            &set
+        ),
+        ERR
+    );
+    assert_eq!(steer(&mut a, &mut b), sym);
+    assert_eq!(b.dev.stats.hash_fields_commands.get(), 2);
+    assert_eq!(b.dev.stats.hash_fields_errors.get(), 1);
+
+    // Without the transform, the source address alone: flows differing in
+    // ports only share a hash.
+    set[0] = 0;
+    b.ctrl_ok(
+        fields_class,
+        u32::from(VIRTIO_NET_CTRL_HASH_FIELDS_SET),
+        &set,
+    );
+    let src_only = steer(&mut a, &mut b);
+    assert!(src_only.iter().all(|(x, _)| *x == src_only[0].0));
+    assert!(src_only.iter().all(|(x, y)| x.1 != y.1));
+}
+
 /// A flow RSS sends to a queue other than `not`.
 fn flow_not_on(cfg: &RssConfig, not: u16) -> Flow {
     (0..)
@@ -1772,6 +1853,18 @@ fn gen_ctrl(r: &mut Rng) -> Vec<u8> {
             2 => {
                 let mut c = vec![SPLIT, 0];
                 c.extend(split_header(r.below(3) as u8, r.next() as u32));
+                c
+            }
+            3 if r.below(2) == 0 => {
+                let mut c = vec![VIRTIO_NET_CTRL_HASH_FIELDS, r.below(3) as u8];
+                if c[1] == VIRTIO_NET_CTRL_HASH_FIELDS_SET {
+                    c.push(r.pick(&[0u8, 1, 2, 3]));
+                    c.extend_from_slice(&[0; 3]);
+                    for _ in 0..9 {
+                        let f = r.pick(&[3u16, 15, 1, 0, 12, 16]);
+                        c.extend_from_slice(&f.to_le_bytes());
+                    }
+                }
                 c
             }
             3 => vec![0, r.below(7) as u8, r.below(3) as u8],

@@ -65,6 +65,7 @@ fn options() -> DeviceOptions {
         admin_vq: true,
         split_header: true,
         rss_contexts: true,
+        hash_fields: true,
     }
 }
 
@@ -147,7 +148,7 @@ fn sample_frames() -> Vec<Vec<u8>> {
 
 /// Control commands against a fully negotiated feature set. Input: records
 /// of `class, command, data`; each command has room for the ack and a
-/// 2-byte result (the RSS context capability).
+/// 4-byte result (the hash field capability; the RSS context one is 2).
 pub fn ctrl_command(data: &[u8]) -> Reached {
     let mut reached = Reached::default();
     let opts = options();
@@ -156,13 +157,14 @@ pub fn ctrl_command(data: &[u8]) -> Reached {
         max_pairs: opts.queue_pairs,
         features,
         split_header_buf_len: SPLIT_HEADER_BUF_LEN,
+        hash_fields: true,
     };
     let mut state = ControlState::new(opts.mac, features & GUEST_OFFLOAD_BITS);
     let frames = sample_frames();
     for cmd in records(data) {
         let before = format!("{state:?}");
-        let reply = handle_command_reply(&mut state, &limits, cmd, 3);
-        assert!((1..=3).contains(&reply.len()), "reply {reply:?}");
+        let reply = handle_command_reply(&mut state, &limits, cmd, 5);
+        assert!((1..=5).contains(&reply.len()), "reply {reply:?}");
         let ack = reply[0];
         if ack == VIRTIO_NET_ERR as u8 {
             assert_eq!(reply.len(), 1);
@@ -198,10 +200,13 @@ pub fn ctrl_command(data: &[u8]) -> Reached {
             let _ = state.accepts(&p.dst_mac);
             if let Some(rss) = &state.rss {
                 assert!(rss.select_queue(&p).queue < limits.max_pairs);
+                let d = rss.select_queue_with(&state.hash_fields, &p);
+                assert!(d.queue < limits.max_pairs);
                 assert!(rss.max_tx_vq() <= limits.max_pairs);
             }
             if let Some(h) = &state.hash_only {
                 let _ = h.hash(&p);
+                let _ = h.hash_with(&state.hash_fields, &p);
             }
         }
     }

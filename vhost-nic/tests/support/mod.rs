@@ -80,6 +80,7 @@ pub fn options(name: &str, mac: [u8; 6]) -> DeviceOptions {
         admin_vq: true,
         split_header: true,
         rss_contexts: true,
+        hash_fields: true,
     }
 }
 
