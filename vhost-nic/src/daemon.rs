@@ -1,8 +1,7 @@
-//! Serving devices: one vhost-user socket per device, ports wired up, a
-//! stats socket, and clean shutdown.
+//! Serving devices: one vhost-user socket per device, ports wired up, the
+//! control socket, and clean shutdown.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +16,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use crate::backend::NetBackend;
 use crate::config::{DeviceOptions, OptionError, PortSpec};
 use crate::device::NetDevice;
+use crate::fault::FaultSpec;
 use crate::frontend_relay::{self, RelayError};
 use crate::port::tap::{TapError, TapPort};
 use crate::port::wire::Wire;
@@ -33,8 +33,10 @@ pub enum DaemonError {
     Device { name: String, err: std::io::Error },
     #[error("cannot listen on vhost-user socket {path}: {err}")]
     Socket { path: PathBuf, err: std::io::Error },
-    #[error("cannot bind stats socket {path}: {err}")]
-    StatsSocket { path: PathBuf, err: std::io::Error },
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
+    #[error("{0}")]
+    Fault(String),
 }
 
 /// The devices of one daemon, wired to their ports.
@@ -104,6 +106,8 @@ impl Devices {
                     "active_pairs": d.control().active_pairs,
                     "device": d.stats,
                     "queues": d.queue_stats,
+                    "link_up": d.link_up(),
+                    "faults": d.faults.to_json(),
                     "flow_rules": d.admin().flow_filter().rule_hits().map(|(id, hits)| serde_json::json!({"rule": id, "hits": hits})).collect::<Vec<_>>(),
                 })
             })
@@ -147,6 +151,7 @@ fn serve_device(backend: Arc<NetBackend>, listener: UnixListener, stop: Arc<Atom
             Ok(()) => info!("{name}: frontend disconnected"),
             Err(e) => warn!("{name}: connection ended: {e}"),
         }
+        backend.forget_vrings();
         backend.device().reset();
         backend.device().clear_vring_states();
     }
@@ -198,38 +203,23 @@ fn serve_connection(backend: &Arc<NetBackend>, frontend: UnixStream) -> Result<(
     result
 }
 
-/// Answers each connection on the stats socket: a request line (`stats`,
-/// or empty) gets the counters as one JSON line; anything else gets an
-/// error object. A bad client never affects the devices.
-fn serve_stats(listener: UnixListener, devices: Arc<Devices>) {
-    for conn in listener.incoming() {
-        let Ok(mut conn) = conn else { continue };
-        let mut line = String::new();
-        let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(2)));
-        // One request line of at most 4 KiB.
-        let _ = BufReader::new(&conn).take(4096).read_line(&mut line);
-        let reply = match line.trim() {
-            "" | "stats" | "{\"cmd\":\"stats\"}" => devices.stats_json(),
-            other => {
-                serde_json::json!({"error": format!("unknown request `{other}`; send `stats`")})
-            }
-        };
-        let _ = writeln!(conn, "{reply}");
-    }
-}
-
 /// Runs the daemon until SIGINT/SIGTERM. SIGUSR1 logs the counters.
-pub fn run(opts: Vec<DeviceOptions>, stats_socket: Option<&Path>) -> Result<(), DaemonError> {
+pub fn run(
+    opts: Vec<DeviceOptions>,
+    control_socket: Option<&Path>,
+    faults: &[FaultSpec],
+) -> Result<(), DaemonError> {
     let devices = Arc::new(Devices::build(opts)?);
+    for b in &devices.backends {
+        for f in faults {
+            b.device().set_fault(f.clone()).map_err(|e| {
+                DaemonError::Fault(format!("--fault for {}: {e}", b.device().opts.name))
+            })?;
+        }
+    }
     let stop = Arc::new(AtomicBool::new(false));
-    if let Some(path) = stats_socket {
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path).map_err(|err| DaemonError::StatsSocket {
-            path: path.to_path_buf(),
-            err,
-        })?;
-        let d = devices.clone();
-        thread::spawn(move || serve_stats(listener, d));
+    if let Some(path) = control_socket {
+        crate::control::start(path, devices.clone())?;
     }
     // Every socket is bound before any is served, so a bad path fails the
     // start instead of leaving one device silently unserved.
@@ -285,7 +275,7 @@ pub fn run(opts: Vec<DeviceOptions>, stats_socket: Option<&Path>) -> Result<(), 
     for b in &devices.backends {
         let _ = std::fs::remove_file(&b.device().opts.socket);
     }
-    if let Some(path) = stats_socket {
+    if let Some(path) = control_socket {
         let _ = std::fs::remove_file(path);
     }
     Ok(())

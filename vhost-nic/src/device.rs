@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::admin::AdminDevice;
 use crate::config::DeviceOptions;
 use crate::ctrl::{self, ControlState, CtrlLimits, GUEST_OFFLOAD_BITS};
+use crate::fault::{ActiveFault, FaultKind, FaultSpec, Faults};
 use crate::hdr::{VirtioNetHdr, HDR_HASH_LEN, HDR_LEN};
 use crate::memory::RegionClassifier;
 use crate::offload::{self, PeerOffloads};
@@ -24,7 +25,7 @@ use crate::request::{self, ChainBuf};
 use crate::rss;
 use crate::rx::{RxDrop, RxLayout, RxOutcome, RxPacket, RxWriter};
 use crate::spec::*;
-use crate::stats::{Counter, DeviceStats, DropReason, QueueStats};
+use crate::stats::{Counter, DeviceStats, DropReason, QueueStats, RSS_HASH_BUCKETS};
 
 pub type GuestMemoryMmapB = GuestMemoryMmap<()>;
 pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmapB>;
@@ -47,6 +48,28 @@ pub struct PendingRx {
     pub frame: Vec<u8>,
     pub hdr: VirtioNetHdr,
     pub parsed: ParsedPacket,
+    pub steer: SteerInfo,
+    /// Per-packet faults were rolled already (a packet waiting for
+    /// buffers is not faulted twice).
+    pub faulted: bool,
+}
+
+/// Why a received frame went to its queue, kept for traces and captures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct SteerInfo {
+    pub how: SteerHow,
+    /// The hash steering computed (0 when none was).
+    pub hash: u32,
+    /// The flow filter rule that matched, if any.
+    pub rule: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SteerHow {
+    Rss,
+    FlowRule,
+    Auto,
 }
 
 /// The receive side of one queue pair as seen from other threads.
@@ -83,6 +106,7 @@ pub struct NetDevice {
     default_rss_key: rss::ToeplitzKey,
     pub queue_stats: Vec<QueueStats>,
     pub stats: DeviceStats,
+    pub faults: Faults,
 }
 
 impl NetDevice {
@@ -111,6 +135,7 @@ impl NetDevice {
                 .map_err(std::io::Error::other)?,
             queue_stats: (0..pairs).map(|_| QueueStats::default()).collect(),
             stats: DeviceStats::default(),
+            faults: Faults::new(opts.queue_pairs),
             opts,
         })
     }
@@ -223,6 +248,36 @@ impl NetDevice {
         for b in &self.backlogs {
             b.pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
         }
+        self.faults.device_reset();
+    }
+
+    /// Receive chains of virtqueue `index` that the device holds (rx-hold).
+    pub fn held_chains(&self, index: usize) -> Vec<u16> {
+        match queue_role(index, self.opts.queue_pairs) {
+            Some(QueueRole::Rx(p)) => self.faults.held(p),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Sets a fault (see fault.rs) and applies its immediate effects.
+    pub fn set_fault(&self, spec: FaultSpec) -> Result<(), crate::fault::FaultError> {
+        self.faults.set(spec, self.opts.queue_pairs)?;
+        self.wake_all_rx();
+        Ok(())
+    }
+
+    /// Clears faults; held chains go back and delayed packets out on the
+    /// next receive run, which this starts.
+    pub fn clear_faults(&self, kind: Option<FaultKind>, queue: Option<u16>) -> usize {
+        let n = self.faults.clear(kind, queue);
+        self.wake_all_rx();
+        n
+    }
+
+    fn wake_all_rx(&self) {
+        for p in 0..self.opts.queue_pairs {
+            self.wake_rx(p);
+        }
     }
 
     pub fn set_memory(&self, mem: GuestMem) {
@@ -253,6 +308,8 @@ impl NetDevice {
 
     pub fn link_up(&self) -> bool {
         self.link_up.load(Ordering::Acquire)
+            && !self.faults.link_down()
+            && !self.faults.needs_reset()
     }
 
     pub fn set_link(&self, up: bool) {
@@ -340,13 +397,20 @@ impl NetDevice {
             ..hdr
         };
         let mut queue = None;
-        if let Some((action, _rule)) = self.admin().flow_filter().classify(&frame, &parsed) {
+        let mut steer = SteerInfo {
+            how: SteerHow::Auto,
+            hash: 0,
+            rule: None,
+        };
+        if let Some((action, rule)) = self.admin().flow_filter().classify(&frame, &parsed) {
+            steer.rule = Some(rule);
             match action {
                 crate::flow_filter::FfAction::Drop => {
                     q0.rx_drops.count(DropReason::FlowFilterDrop);
                     return Steered::Dropped(DropReason::FlowFilterDrop);
                 }
                 crate::flow_filter::FfAction::RxQueue(q) if q < self.opts.queue_pairs => {
+                    steer.how = SteerHow::FlowRule;
                     queue = Some(q)
                 }
                 crate::flow_filter::FfAction::RxQueue(_) => {}
@@ -355,6 +419,10 @@ impl NetDevice {
         let report = self.has_feature(VIRTIO_NET_F_HASH_REPORT);
         if let Some(rss) = &control.rss {
             let d = rss.select_queue(&parsed);
+            steer.hash = d.hash_value;
+            if queue.is_none() {
+                steer.how = SteerHow::Rss;
+            }
             queue = queue.or(Some(d.queue));
             if report {
                 hdr_out.hash_value = d.hash_value;
@@ -376,6 +444,7 @@ impl NetDevice {
                     &parsed,
                 )
                 .map_or(0, |(h, _)| h);
+                steer.hash = hash;
                 queue = Some(self.automatic_queue(hash, &control));
             }
         }
@@ -389,13 +458,27 @@ impl NetDevice {
             return Steered::Dropped(DropReason::QueueDisabled);
         };
         let stats = &self.queue_stats[usize::from(q)];
+        match steer.how {
+            SteerHow::Rss => stats.rx_steered_rss.inc(),
+            SteerHow::FlowRule => stats.rx_steered_flow_rule.inc(),
+            SteerHow::Auto => stats.rx_steered_auto.inc(),
+        }
+        if steer.how != SteerHow::FlowRule {
+            self.stats.rss_hash_buckets[steer.hash as usize % RSS_HASH_BUCKETS].inc();
+        }
         let mut pending = backlog.pending.lock().unwrap_or_else(|e| e.into_inner());
         let mut push = |frame: Vec<u8>, hdr: VirtioNetHdr, parsed: ParsedPacket| {
             if pending.len() >= RX_BACKLOG_PACKETS {
                 stats.rx_drops.count(DropReason::BacklogFull);
                 return;
             }
-            pending.push_back(PendingRx { frame, hdr, parsed });
+            pending.push_back(PendingRx {
+                frame,
+                hdr,
+                parsed,
+                steer,
+                faulted: false,
+            });
         };
         match offload::resolve_tx(frame, &hdr_out, peer) {
             Ok(offload::TxOutput::Single { hdr: h, frame }) => {
@@ -460,13 +543,25 @@ impl NetDevice {
         let layout = self.rx_layout();
         let event_idx = self.event_idx.load(Ordering::Acquire);
         let mut used = false;
+        let faults = if self.faults.armed() {
+            if self.faults.needs_reset() {
+                return false;
+            }
+            used |= self.hold_rx_chains(pair, queue, &mem);
+            if self.rx_held_back(pair, backlog) {
+                return used;
+            }
+            Some(RxFaults::new(&self.faults, pair, layout.split.is_some()))
+        } else {
+            None
+        };
         loop {
             // The driver's avail index before this round (see below).
             let posted = queue.avail_idx(&*mem, Ordering::Acquire).ok();
             let mut delivered = 0;
             let mut starved = false;
             while delivered < BUDGET {
-                let Some(pkt) = backlog
+                let Some(mut pkt) = backlog
                     .pending
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -474,12 +569,26 @@ impl NetDevice {
                 else {
                     break;
                 };
+                if let Some(f) = &faults {
+                    if f.apply(&self.faults, &mut pkt, writer) {
+                        stats.rx_drops.count(DropReason::Injected);
+                        continue;
+                    }
+                }
                 let rx = RxPacket {
                     frame: &pkt.frame,
                     hdr: pkt.hdr,
                     parsed: &pkt.parsed,
                 };
-                match writer.write_packet(queue, &*mem, &regions, &layout, &rx) {
+                let outcome = writer.write_packet(queue, &*mem, &regions, &layout, &rx);
+                if let Some(f) = &faults {
+                    f.delivered(
+                        &self.faults,
+                        writer,
+                        matches!(outcome, RxOutcome::Delivered(_)),
+                    );
+                }
+                match outcome {
                     RxOutcome::Delivered(r) => {
                         used = true;
                         delivered += 1;
@@ -546,6 +655,105 @@ impl NetDevice {
         used
     }
 
+    /// rx-hold: takes chains from the ring up to the fault's count and
+    /// keeps them; once the fault is gone, returns them with length 0.
+    /// Returns true if the used ring changed.
+    fn hold_rx_chains(&self, pair: u16, queue: &mut Queue, mem: &GuestMemoryMmapB) -> bool {
+        let fault = self.faults.find(FaultKind::RxHold, pair);
+        let Some(mut held) = self.faults.held_mut(pair) else {
+            return false;
+        };
+        match fault {
+            Some(f) => {
+                let size = queue.size();
+                while held.len() < f.spec.count as usize && held.len() < usize::from(size) {
+                    let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                        break;
+                    };
+                    held.push(chain.head_index());
+                    self.faults.count(&f);
+                }
+                false
+            }
+            None if held.is_empty() => false,
+            None => {
+                for head in held.drain(..) {
+                    let _ = queue.add_used(mem, head, 0);
+                }
+                drop(held);
+                self.faults.rearm();
+                true
+            }
+        }
+    }
+
+    /// rx-delay and rx-batch: whether the backlog of `pair` waits now. A
+    /// timer wakes the queue when the wait is over.
+    fn rx_held_back(&self, pair: u16, backlog: &RxBacklog) -> bool {
+        let (fault, batch) = match (
+            self.faults.find(FaultKind::RxDelay, pair),
+            self.faults.find(FaultKind::RxBatch, pair),
+        ) {
+            (Some(f), _) => (f, usize::MAX),
+            (None, Some(f)) => {
+                let n = f.spec.count as usize;
+                (f, n)
+            }
+            (None, None) => return false,
+        };
+        let waiting = backlog
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len();
+        let Some(mut release) = self.faults.release_at(pair) else {
+            return false;
+        };
+        if waiting == 0 {
+            return false;
+        }
+        if waiting >= batch.min(RX_BACKLOG_PACKETS) {
+            *release = None;
+            return false;
+        }
+        let now = std::time::Instant::now();
+        match *release {
+            Some(t) if now < t => true,
+            Some(_) => {
+                *release = None;
+                false
+            }
+            None => {
+                if !self.faults.roll(&fault) {
+                    return false;
+                }
+                self.faults.count(&fault);
+                let wait = std::time::Duration::from_millis(fault.spec.ms);
+                *release = Some(now + wait);
+                match backlog.wake.try_clone() {
+                    Ok(wake) => {
+                        let spawned =
+                            std::thread::Builder::new()
+                                .name("rx-delay".into())
+                                .spawn(move || {
+                                    std::thread::sleep(wait);
+                                    let _ = wake.write(1);
+                                });
+                        if spawned.is_err() {
+                            *release = None;
+                            return false;
+                        }
+                    }
+                    Err(_) => {
+                        *release = None;
+                        return false;
+                    }
+                }
+                true
+            }
+        }
+    }
+
     /// Transmits every chain on the TX queue of `pair` through the port.
     /// Returns true if the used ring changed.
     pub fn process_tx<Q: QueueT>(&self, pair: u16, queue: &mut Q, buf: &mut ChainBuf) -> bool {
@@ -563,6 +771,18 @@ impl NetDevice {
         let port = self.port.get().cloned();
         let mut used = false;
         let mut woken: u32 = 0;
+        let mut reorder = None;
+        if self.faults.armed() {
+            if self.faults.needs_reset() {
+                return false;
+            }
+            reorder = self
+                .faults
+                .find(FaultKind::TxReorder, pair)
+                .filter(|f| self.faults.fire(f))
+                .map(|f| f.spec.count.max(2) as usize);
+        }
+        let mut deferred: Vec<u16> = Vec::new();
         loop {
             let _ = queue.disable_notification(&*mem);
             let posted = queue.avail_idx(&*mem, Ordering::Acquire).ok();
@@ -575,7 +795,12 @@ impl NetDevice {
                 let head = chain.head_index();
                 let res = request::read_tx_chain(chain, &regions, queue.size(), buf);
                 // A chain that cannot be read is counted once, below.
-                if queue.add_used(&*mem, head, 0).is_err() && res.is_ok() {
+                if let Some(window) = reorder {
+                    deferred.push(head);
+                    if deferred.len() >= window {
+                        complete_reversed(queue, &mem, &mut deferred);
+                    }
+                } else if queue.add_used(&*mem, head, 0).is_err() && res.is_ok() {
                     stats.tx_drops.count(DropReason::BadChain);
                 }
                 used = true;
@@ -615,6 +840,7 @@ impl NetDevice {
                     _ => stats.tx_drops.count(DropReason::PortDown),
                 }
             }
+            complete_reversed(queue, &mem, &mut deferred);
             // Entries pending but not handed out (an avail index more than a
             // ring ahead) must not keep the loop going: only a moved index does.
             if n < BUDGET
@@ -688,6 +914,9 @@ impl NetDevice {
         (commands, errors): (&Counter, &Counter),
         mut exec: impl FnMut(&[u8], usize) -> (Vec<u8>, bool),
     ) -> bool {
+        if self.faults.needs_reset() {
+            return false;
+        }
         let Some(mem) = self.memory() else {
             return false;
         };
@@ -721,6 +950,71 @@ impl NetDevice {
             used = true;
         }
         used
+    }
+}
+
+/// tx-reorder: completes the deferred chains, last first.
+fn complete_reversed<Q: QueueT>(queue: &mut Q, mem: &GuestMemoryMmapB, deferred: &mut Vec<u16>) {
+    for head in deferred.drain(..).rev() {
+        let _ = queue.add_used(mem, head, 0);
+    }
+}
+
+/// The per-packet receive faults of one queue run, looked up once.
+struct RxFaults {
+    drop: Option<Arc<ActiveFault>>,
+    short: Option<Arc<ActiveFault>>,
+    no_split: Option<Arc<ActiveFault>>,
+    bad_csum: Option<Arc<ActiveFault>>,
+}
+
+impl RxFaults {
+    fn new(faults: &Faults, pair: u16, split: bool) -> Self {
+        RxFaults {
+            drop: faults.find(FaultKind::RxDrop, pair),
+            short: faults.find(FaultKind::RxShort, pair),
+            no_split: faults.find(FaultKind::RxNoSplit, pair).filter(|_| split),
+            bad_csum: faults.find(FaultKind::RxBadCsum, pair),
+        }
+    }
+
+    /// Rolls the faults for `pkt`; true: drop it. Effects that only show
+    /// once the packet is written are set up in `writer` and counted by
+    /// [`RxFaults::delivered`].
+    fn apply(&self, faults: &Faults, pkt: &mut PendingRx, writer: &mut RxWriter) -> bool {
+        if !pkt.faulted {
+            pkt.faulted = true;
+            if self.drop.as_ref().is_some_and(|f| faults.fire(f)) {
+                return true;
+            }
+            if let Some(f) = &self.bad_csum {
+                if faults.roll(f)
+                    && crate::fault::corrupt_checksum(&mut pkt.frame, &pkt.parsed, &mut pkt.hdr)
+                {
+                    faults.count(f);
+                }
+            }
+        }
+        writer.fault_short_by = self
+            .short
+            .as_ref()
+            .filter(|f| faults.roll(f))
+            .map_or(0, |f| f.spec.bytes);
+        writer.fault_no_split = self.no_split.as_ref().is_some_and(|f| faults.roll(f));
+        false
+    }
+
+    fn delivered(&self, faults: &Faults, writer: &mut RxWriter, delivered: bool) {
+        if delivered {
+            if let (Some(f), true) = (&self.short, writer.fault_short_by > 0) {
+                faults.count(f);
+            }
+            if let (Some(f), true) = (&self.no_split, writer.fault_no_split) {
+                faults.count(f);
+            }
+        }
+        writer.fault_short_by = 0;
+        writer.fault_no_split = false;
     }
 }
 
