@@ -64,6 +64,10 @@ pub struct Cli {
     /// irq-suppress, irq-duplicate, link-down, needs-reset.
     #[arg(long = "fault", value_name = "SPEC", value_parser = parse_fault)]
     pub faults: Vec<FaultSpec>,
+    /// Start the descriptor flight recorder at once, keeping DEPTH entries
+    /// per virtqueue (default 256). It is dumped to the log at exit.
+    #[arg(long, value_name = "DEPTH", num_args = 0..=1, default_missing_value = "256")]
+    pub trace: Option<usize>,
 }
 
 fn parse_fault(s: &str) -> Result<FaultSpec, FaultError> {
@@ -110,8 +114,39 @@ pub enum CtlRequest {
         #[command(subcommand)]
         action: FaultAction,
     },
+    /// The descriptor flight recorder.
+    Trace {
+        #[command(subcommand)]
+        action: TraceCmd,
+    },
     /// Send a request line as is, e.g. '{"cmd":"stats"}'.
     Raw { line: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TraceCmd {
+    /// Start recording.
+    On {
+        /// Entries kept per virtqueue (default 256).
+        #[arg(long)]
+        depth: Option<usize>,
+    },
+    /// Stop recording (what was recorded stays).
+    Off,
+    /// Forget what was recorded.
+    Clear,
+    /// Show what was recorded, oldest first.
+    Dump {
+        /// Only this virtqueue (index or name: rx0, tx0, ...).
+        #[arg(long)]
+        queue: Option<String>,
+        /// Only this flow: KEY=VALUE,... with proto, src, dst, sport, dport, port.
+        #[arg(long)]
+        flow: Option<String>,
+        /// Only the last N entries.
+        #[arg(long)]
+        last: Option<usize>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -26,6 +26,7 @@ use crate::daemon::Devices;
 use crate::fault::{FaultKind, FaultSpec, FAULT_KINDS};
 use crate::inspect;
 use crate::spec::queue_name;
+use crate::trace::FlowFilter;
 
 /// Longest request line accepted.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -84,6 +85,30 @@ pub enum Request {
         clear: Option<String>,
         queue: Option<u16>,
     },
+    /// The flight recorder: `on` (keeping `depth` entries per queue),
+    /// `off`, `clear`, or `dump` (the default) filtered by `queue` and
+    /// `flow`, the `last` N entries.
+    Trace {
+        device: Option<DeviceSel>,
+        #[serde(default)]
+        action: TraceAction,
+        depth: Option<usize>,
+        queue: Option<QueueSel>,
+        flow: Option<String>,
+        last: Option<usize>,
+        #[serde(default)]
+        format: Format,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TraceAction {
+    On,
+    Off,
+    Clear,
+    #[default]
+    Dump,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -229,6 +254,70 @@ fn fault(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
+fn trace(
+    devices: &Devices,
+    sel: &Option<DeviceSel>,
+    action: TraceAction,
+    depth: Option<usize>,
+    queue: &Option<QueueSel>,
+    flow: &Option<String>,
+    last: Option<usize>,
+    format: Format,
+) -> Reply {
+    let filter = FlowFilter::parse(flow.as_deref().unwrap_or("")).map_err(|e| e.to_string())?;
+    let targets = select(devices, sel)?;
+    match action {
+        TraceAction::On => {
+            let mut d = 0;
+            for b in &targets {
+                d = b.device().tracer.enable(depth);
+            }
+            return Ok(json!({ "tracing": true, "depth": d }));
+        }
+        TraceAction::Off => {
+            targets.iter().for_each(|b| b.device().tracer.disable());
+            return Ok(json!({ "tracing": false }));
+        }
+        TraceAction::Clear => {
+            targets.iter().for_each(|b| b.device().tracer.clear());
+            return Ok(json!({ "cleared": true }));
+        }
+        TraceAction::Dump => {}
+    }
+    let mut text = String::new();
+    let mut out = Vec::new();
+    for b in targets {
+        let vq = queue.as_ref().map(|q| queue_index(b, q)).transpose()?;
+        let t = &b.device().tracer;
+        let mut entries = t.entries(vq, &filter);
+        if let Some(n) = last {
+            entries.drain(..entries.len().saturating_sub(n));
+        }
+        if format == Format::Text {
+            text.push_str(&format!(
+                "{}: tracing {}, {} entries\n",
+                b.device().opts.name,
+                if t.on() { "on" } else { "off" },
+                entries.len()
+            ));
+            crate::trace::render(&entries, &mut text);
+        } else {
+            out.push(json!({
+                "name": b.device().opts.name,
+                "tracing": t.on(),
+                "depth": t.depth(),
+                "entries": entries,
+            }));
+        }
+    }
+    Ok(if format == Format::Text {
+        Value::String(text)
+    } else {
+        json!({ "devices": out })
+    })
+}
+
 /// Answers one request line. The second value is false when the
 /// connection is to be closed after the reply (the legacy `stats` word).
 pub fn handle_line(devices: &Devices, line: &str) -> (Value, bool) {
@@ -283,6 +372,17 @@ pub fn handle_line(devices: &Devices, line: &str) -> (Value, bool) {
             clear,
             queue,
         } => fault(devices, device, set, clear, *queue),
+        Request::Trace {
+            device,
+            action,
+            depth,
+            queue,
+            flow,
+            last,
+            format,
+        } => trace(
+            devices, device, *action, *depth, queue, flow, *last, *format,
+        ),
     };
     match reply {
         Ok(v) => (json!({ "ok": v }), true),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::cli::{CtlArgs, CtlRequest, FaultAction};
+use crate::cli::{CtlArgs, CtlRequest, FaultAction, TraceCmd};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
@@ -50,6 +50,30 @@ pub fn request(args: &CtlArgs) -> Result<(Value, bool), CtlError> {
             }
             FaultAction::List => json!({ "cmd": "fault" }),
         },
+        CtlRequest::Trace { action } => match action {
+            TraceCmd::On { depth } => {
+                let mut v = json!({ "cmd": "trace", "action": "on" });
+                if let Some(d) = depth {
+                    v["depth"] = json!(d);
+                }
+                v
+            }
+            TraceCmd::Off => json!({ "cmd": "trace", "action": "off" }),
+            TraceCmd::Clear => json!({ "cmd": "trace", "action": "clear" }),
+            TraceCmd::Dump { queue, flow, last } => {
+                let mut v = json!({ "cmd": "trace", "action": "dump", "format": format });
+                if let Some(q) = queue {
+                    v["queue"] = q.parse::<u64>().map_or_else(|_| json!(q), |n| json!(n));
+                }
+                if let Some(f) = flow {
+                    v["flow"] = json!(f);
+                }
+                if let Some(n) = last {
+                    v["last"] = json!(n);
+                }
+                v
+            }
+        },
         CtlRequest::Raw { line } => {
             let v: Value = serde_json::from_str(line).unwrap_or(Value::String(line.clone()));
             return Ok((v, false));
@@ -61,7 +85,15 @@ pub fn request(args: &CtlArgs) -> Result<(Value, bool), CtlError> {
         }
         req["device"] = d.parse::<u64>().map_or_else(|_| json!(d), |n| json!(n));
     }
-    let is_text = text && matches!(args.request, CtlRequest::Queues | CtlRequest::Ring { .. });
+    let is_text = text
+        && matches!(
+            args.request,
+            CtlRequest::Queues
+                | CtlRequest::Ring { .. }
+                | CtlRequest::Trace {
+                    action: TraceCmd::Dump { .. }
+                }
+        );
     Ok((req, is_text))
 }
 

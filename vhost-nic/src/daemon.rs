@@ -208,8 +208,14 @@ pub fn run(
     opts: Vec<DeviceOptions>,
     control_socket: Option<&Path>,
     faults: &[FaultSpec],
+    trace: Option<usize>,
 ) -> Result<(), DaemonError> {
     let devices = Arc::new(Devices::build(opts)?);
+    if let Some(depth) = trace {
+        for b in &devices.backends {
+            b.device().tracer.enable(Some(depth));
+        }
+    }
     for b in &devices.backends {
         for f in faults {
             b.device().set_fault(f.clone()).map_err(|e| {
@@ -272,6 +278,19 @@ pub fn run(
         break;
     }
     info!("final stats: {}", devices.stats_json());
+    for b in &devices.backends {
+        let d = b.device();
+        let entries = d.tracer.entries(None, &crate::trace::FlowFilter::default());
+        if !entries.is_empty() {
+            let mut text = String::new();
+            crate::trace::render(&entries, &mut text);
+            info!(
+                "{}: trace at exit, {} entries:\n{text}",
+                d.opts.name,
+                entries.len()
+            );
+        }
+    }
     for b in &devices.backends {
         let _ = std::fs::remove_file(&b.device().opts.socket);
     }

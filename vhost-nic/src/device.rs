@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
+use std::time::Instant;
 
 use log::{debug, warn};
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
@@ -17,6 +18,7 @@ use crate::config::DeviceOptions;
 use crate::ctrl::{self, ControlState, CtrlLimits, GUEST_OFFLOAD_BITS};
 use crate::fault::{ActiveFault, FaultKind, FaultSpec, Faults};
 use crate::hdr::{VirtioNetHdr, HDR_HASH_LEN, HDR_LEN};
+use crate::inspect;
 use crate::memory::RegionClassifier;
 use crate::offload::{self, PeerOffloads};
 use crate::packet::{self, ParsedPacket, ETH_HLEN};
@@ -26,6 +28,7 @@ use crate::rss;
 use crate::rx::{RxDrop, RxLayout, RxOutcome, RxPacket, RxWriter};
 use crate::spec::*;
 use crate::stats::{Counter, DeviceStats, DropReason, QueueStats, RSS_HASH_BUCKETS};
+use crate::trace::{FlowFilter, FlowKey, TraceEntry, Tracer};
 
 pub type GuestMemoryMmapB = GuestMemoryMmap<()>;
 pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmapB>;
@@ -52,6 +55,8 @@ pub struct PendingRx {
     /// Per-packet faults were rolled already (a packet waiting for
     /// buffers is not faulted twice).
     pub faulted: bool,
+    /// When the frame reached the device (only while tracing).
+    pub arrived: Option<Instant>,
 }
 
 /// Why a received frame went to its queue, kept for traces and captures.
@@ -107,6 +112,7 @@ pub struct NetDevice {
     pub queue_stats: Vec<QueueStats>,
     pub stats: DeviceStats,
     pub faults: Faults,
+    pub tracer: Tracer,
 }
 
 impl NetDevice {
@@ -136,6 +142,7 @@ impl NetDevice {
             queue_stats: (0..pairs).map(|_| QueueStats::default()).collect(),
             stats: DeviceStats::default(),
             faults: Faults::new(opts.queue_pairs),
+            tracer: Tracer::new(opts.num_queues()),
             opts,
         })
     }
@@ -466,6 +473,7 @@ impl NetDevice {
         if steer.how != SteerHow::FlowRule {
             self.stats.rss_hash_buckets[steer.hash as usize % RSS_HASH_BUCKETS].inc();
         }
+        let arrived = self.tracer.on().then(Instant::now);
         let mut pending = backlog.pending.lock().unwrap_or_else(|e| e.into_inner());
         let mut push = |frame: Vec<u8>, hdr: VirtioNetHdr, parsed: ParsedPacket| {
             if pending.len() >= RX_BACKLOG_PACKETS {
@@ -478,6 +486,7 @@ impl NetDevice {
                 parsed,
                 steer,
                 faulted: false,
+                arrived,
             });
         };
         match offload::resolve_tx(frame, &hdr_out, peer) {
@@ -543,6 +552,7 @@ impl NetDevice {
         let layout = self.rx_layout();
         let event_idx = self.event_idx.load(Ordering::Acquire);
         let mut used = false;
+        let tracing = self.tracer.on();
         let faults = if self.faults.armed() {
             if self.faults.needs_reset() {
                 return false;
@@ -572,9 +582,16 @@ impl NetDevice {
                 if let Some(f) = &faults {
                     if f.apply(&self.faults, &mut pkt, writer) {
                         stats.rx_drops.count(DropReason::Injected);
+                        if tracing {
+                            let mut e = self.rx_trace_entry(pair, &pkt, 0);
+                            e.outcome = "dropped: injected (rx-drop)".into();
+                            self.tracer.record(e);
+                        }
                         continue;
                     }
                 }
+                let before =
+                    tracing.then(|| (queue.next_avail(), queue.next_used(), Instant::now()));
                 let rx = RxPacket {
                     frame: &pkt.frame,
                     hdr: pkt.hdr,
@@ -587,6 +604,9 @@ impl NetDevice {
                         writer,
                         matches!(outcome, RxOutcome::Delivered(_)),
                     );
+                }
+                if let Some(before) = before {
+                    self.trace_rx(pair, queue, &mem, &regions, &pkt, &outcome, before);
                 }
                 match outcome {
                     RxOutcome::Delivered(r) => {
@@ -653,6 +673,95 @@ impl NetDevice {
             }
         }
         used
+    }
+
+    /// A trace entry for a received packet, without chains yet.
+    fn rx_trace_entry(&self, pair: u16, pkt: &PendingRx, device_us: u64) -> TraceEntry {
+        TraceEntry {
+            seq: 0,
+            t_us: 0,
+            vq: rx_index(pair),
+            queue: format!("rx{pair}"),
+            chains: Vec::new(),
+            used: Vec::new(),
+            frame_len: pkt.frame.len(),
+            wait_us: pkt
+                .arrived
+                .map(|t| u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX)),
+            device_us,
+            split: None,
+            steer: Some(pkt.steer),
+            flow: Some(FlowKey::of(&pkt.parsed)),
+            outcome: "ok".into(),
+        }
+    }
+
+    /// Records what one write of `pkt` into the ring did: the chains it
+    /// took (read back from the avail ring) and the used entries it wrote.
+    #[allow(clippy::too_many_arguments)]
+    fn trace_rx(
+        &self,
+        pair: u16,
+        queue: &Queue,
+        mem: &GuestMemoryMmapB,
+        regions: &RegionClassifier,
+        pkt: &PendingRx,
+        outcome: &RxOutcome,
+        (avail_before, used_before, t0): (u16, u16, Instant),
+    ) {
+        let device_us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let mut e = self.rx_trace_entry(pair, pkt, device_us);
+        match outcome {
+            RxOutcome::NoBuffers => return,
+            RxOutcome::Delivered(r) => e.split = r.split.then_some(r.split_hdr_len),
+            RxOutcome::Dropped(RxDrop::TooBig { len, capacity }) => {
+                e.outcome = format!("dropped: too big ({len} bytes, {capacity} in the buffers)")
+            }
+            RxOutcome::Dropped(RxDrop::BadChain { error, .. }) => {
+                e.outcome = format!("error: {error}")
+            }
+            RxOutcome::Dropped(RxDrop::UsedRing(err)) => {
+                e.outcome = format!("error: used ring: {err}")
+            }
+        }
+        let size = queue.size();
+        let taken = std::num::Wrapping(queue.next_avail()) - std::num::Wrapping(avail_before);
+        for k in 0..taken.0.min(size) {
+            let pos = (std::num::Wrapping(avail_before) + std::num::Wrapping(k)).0;
+            if let Some(head) = inspect::avail_head(mem, queue.avail_ring(), size, pos) {
+                e.chains
+                    .push(inspect::walk(mem, queue.desc_table(), size, head, regions));
+            }
+        }
+        e.used =
+            inspect::used_entries(mem, queue.used_ring(), size, used_before, queue.next_used());
+        let failed = matches!(
+            outcome,
+            RxOutcome::Dropped(RxDrop::BadChain { .. } | RxDrop::UsedRing(_))
+        );
+        let why = e.outcome.clone();
+        self.tracer.record(e);
+        if failed {
+            self.dump_trace_on_error(rx_index(pair), &why);
+        }
+    }
+
+    /// A device error while tracing: the queue's recent history goes to
+    /// the log (at most once a second).
+    fn dump_trace_on_error(&self, vq: usize, why: &str) {
+        if !self.tracer.on() || !self.tracer.log_dump_due() {
+            return;
+        }
+        let entries = self.tracer.entries(Some(vq), &FlowFilter::default());
+        let start = entries.len().saturating_sub(32);
+        let mut text = String::new();
+        crate::trace::render(&entries[start..], &mut text);
+        warn!(
+            "{}: {} on vq {vq}; its last {} trace entries:\n{text}",
+            self.opts.name,
+            why,
+            entries.len() - start
+        );
     }
 
     /// rx-hold: takes chains from the ring up to the fault's count and
@@ -783,6 +892,15 @@ impl NetDevice {
                 .map(|f| f.spec.count.max(2) as usize);
         }
         let mut deferred: Vec<u16> = Vec::new();
+        let tracing = self.tracer.on();
+        // The entry of the chain being handled, recorded when the next one
+        // starts (each early exit below notes its outcome first).
+        let mut entry: Option<TraceEntry> = None;
+        let note = |entry: &mut Option<TraceEntry>, what: &str| {
+            if let Some(e) = entry.as_mut() {
+                e.outcome = what.to_string();
+            }
+        };
         loop {
             let _ = queue.disable_notification(&*mem);
             let posted = queue.avail_idx(&*mem, Ordering::Acquire).ok();
@@ -793,6 +911,29 @@ impl NetDevice {
                 };
                 n += 1;
                 let head = chain.head_index();
+                if let Some(e) = entry.take() {
+                    self.tracer.record(e);
+                }
+                if tracing {
+                    let t0 = Instant::now();
+                    let view =
+                        inspect::walk(&*mem, queue.desc_table(), queue.size(), head, &regions);
+                    entry = Some(TraceEntry {
+                        seq: 0,
+                        t_us: 0,
+                        vq: tx_index(pair),
+                        queue: format!("tx{pair}"),
+                        chains: vec![view],
+                        used: vec![(u32::from(head), 0)],
+                        frame_len: 0,
+                        wait_us: None,
+                        device_us: u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX),
+                        split: None,
+                        steer: None,
+                        flow: None,
+                        outcome: "ok".into(),
+                    });
+                }
                 let res = request::read_tx_chain(chain, &regions, queue.size(), buf);
                 // A chain that cannot be read is counted once, below.
                 if let Some(window) = reorder {
@@ -809,19 +950,30 @@ impl NetDevice {
                     Err(e) => {
                         debug!("{}: tx{pair}: bad chain: {e}", self.opts.name);
                         stats.tx_drops.count(DropReason::BadChain);
+                        note(&mut entry, &format!("error: {e}"));
+                        if let Some(t) = entry.take() {
+                            self.tracer.record(t);
+                        }
+                        self.dump_trace_on_error(tx_index(pair), &e.to_string());
                         continue;
                     }
                 };
                 let data = buf.data();
                 let Some(hdr) = VirtioNetHdr::from_bytes(data.get(..hdr_len).unwrap_or(&[])) else {
                     stats.tx_drops.count(DropReason::BadTxHeader);
+                    note(&mut entry, "dropped: bad_tx_header");
                     continue;
                 };
                 if hdr.gso_kind().is_none() || data.len() < hdr_len + ETH_HLEN {
                     stats.tx_drops.count(DropReason::BadTxHeader);
+                    note(&mut entry, "dropped: bad_tx_header");
                     continue;
                 }
                 let frame = data[hdr_len..].to_vec();
+                if let Some(e) = entry.as_mut() {
+                    e.frame_len = frame.len();
+                    e.flow = Some(FlowKey::of(&packet::parse(&frame)));
+                }
                 stats.tx_packets.inc();
                 stats.tx_bytes.add(frame.len() as u64);
                 stats.tx_bytes_from_device_memory.add(device_bytes);
@@ -835,10 +987,17 @@ impl NetDevice {
                     Some(p) if self.link_up() => {
                         if let Err(reason) = p.transmit(self, pair, frame, hdr, &mut woken) {
                             stats.tx_drops.count(reason);
+                            note(&mut entry, &format!("dropped: {reason:?}"));
                         }
                     }
-                    _ => stats.tx_drops.count(DropReason::PortDown),
+                    _ => {
+                        stats.tx_drops.count(DropReason::PortDown);
+                        note(&mut entry, "dropped: port_down");
+                    }
                 }
+            }
+            if let Some(e) = entry.take() {
+                self.tracer.record(e);
             }
             complete_reversed(queue, &mem, &mut deferred);
             // Entries pending but not handed out (an avail index more than a

@@ -343,6 +343,14 @@ fn walk_indirect<M: GuestMemory>(
     c.error = Some(format!("more than {n} indirect descriptors: a loop"));
 }
 
+/// The head index at free-running avail position `pos`.
+pub fn avail_head<M: GuestMemory>(mem: &M, avail_ring: u64, size: u16, pos: u16) -> Option<u16> {
+    if size == 0 {
+        return None;
+    }
+    read_u16(mem, avail_ring, 4 + 2 * u64::from(pos % size))
+}
+
 /// The `(id, len)` used entries from free-running index `from` up to `to`
 /// (exclusive), read back from the used ring.
 pub fn used_entries<M: GuestMemory>(

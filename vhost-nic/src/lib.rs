@@ -12,7 +12,8 @@
 //! the vhost-user machinery (it holds back the ring enables stock QEMU
 //! sends before the features are set). For driver authors: `control`
 //! serves the control socket and `ctl` is its client; `inspect` reads
-//! virtqueues for it; `fault` makes the device misbehave on purpose.
+//! virtqueues for it; `fault` makes the device misbehave on purpose;
+//! `trace` is the descriptor flight recorder.
 
 pub mod admin;
 pub mod backend;
@@ -39,3 +40,4 @@ pub mod rss_ctx;
 pub mod rx;
 pub mod spec;
 pub mod stats;
+pub mod trace;

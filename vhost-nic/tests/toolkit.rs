@@ -180,3 +180,61 @@ fn bad_fault_on_the_command_line_says_what_to_do() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("between 0 and 1"), "{err}");
 }
+
+#[test]
+fn trace_through_the_socket_and_the_cli() {
+    let d = Daemon::start_pair_with(2, &["--trace", "16"]);
+    let mut a = Nic::connect(&d.socket("a"), 2);
+    let mut b = Nic::connect(&d.socket("b"), 2);
+    b.post_rx(0, 4);
+    let frame = udp_frame(MAC_B, MAC_A, 4000, 5000, &[9u8; 300]);
+    a.send(0, &frame);
+    assert_eq!(b.recv(&[0], 1, false).len(), 1);
+    let v = d.control("{\"cmd\":\"trace\",\"device\":\"nic1\",\"queue\":\"rx0\"}");
+    let dev = &v["ok"]["devices"][0];
+    assert_eq!(dev["tracing"], true, "{v}");
+    assert_eq!(dev["depth"], 16);
+    let e = &dev["entries"][0];
+    assert_eq!(e["queue"], "rx0");
+    assert_eq!(e["outcome"], "ok");
+    assert_eq!(e["flow"]["sport"], 4000);
+    assert_eq!(e["used"][0][1], 12 + frame.len() as u64);
+
+    // A flow that matches nothing, bad filters and actions.
+    let v = d.control("{\"cmd\":\"trace\",\"flow\":\"dport=1\"}");
+    assert!(v["ok"]["devices"][1]["entries"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    for (req, want) in [
+        ("{\"cmd\":\"trace\",\"flow\":\"dport=x\"}", "bad port"),
+        (
+            "{\"cmd\":\"trace\",\"action\":\"explode\"}",
+            "unknown variant",
+        ),
+        ("{\"cmd\":\"trace\",\"queue\":\"rx5\"}", "no virtqueue"),
+    ] {
+        let v = d.control(req);
+        assert!(v["error"].as_str().unwrap().contains(want), "{req}: {v}");
+    }
+
+    let out = Command::new(env!("CARGO_BIN_EXE_vhost-nic"))
+        .args(["ctl", "--socket"])
+        .arg(d.socket("stats"))
+        .args(["trace", "dump", "--queue", "tx0", "--last", "1"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("tx0 len 342") && text.contains("udp 10.0.0.1:4000 > 10.0.0.2:5000 ok"),
+        "{text}"
+    );
+    assert!(d.control("{\"cmd\":\"trace\",\"action\":\"off\"}")["ok"].is_object());
+    assert!(d.control("{\"cmd\":\"trace\",\"action\":\"clear\"}")["ok"].is_object());
+    let v = d.control("{\"cmd\":\"trace\"}");
+    assert!(v["ok"]["devices"][0]["entries"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+}
