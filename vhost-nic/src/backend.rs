@@ -143,6 +143,10 @@ impl NetBackend {
                 name: queue_name(index, pairs),
                 enabled,
                 held: self.dev.held_chains(index),
+                backlog: match queue_role(index, pairs) {
+                    Some(QueueRole::Rx(p)) => Some(self.dev.backlog_len(p)),
+                    _ => None,
+                },
             };
             let v = match vring {
                 Some(vr) => {

@@ -59,6 +59,8 @@ pub struct QueueView {
     pub posted: Option<u16>,
     /// Chains the device took and has not returned (held by a fault).
     pub held: Vec<u16>,
+    /// RX: frames waiting in the device for receive buffers.
+    pub backlog: Option<usize>,
     /// With `ring`: the posted chains, then the held ones.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chains: Option<Vec<ChainView>>,
@@ -107,6 +109,7 @@ pub struct QueueMeta {
     pub name: String,
     pub enabled: bool,
     pub held: Vec<u16>,
+    pub backlog: Option<usize>,
 }
 
 fn hex(a: u64) -> String {
@@ -167,6 +170,7 @@ pub fn view<M: GuestMemory>(
         },
         posted: avail_idx.map(|a| (Wrapping(a) - Wrapping(queue.next_avail())).0),
         held: meta.held,
+        backlog: meta.backlog,
         chains: None,
         chains_truncated: false,
     };
@@ -388,7 +392,7 @@ pub fn render(v: &QueueView, out: &mut String) {
     let opt = |x: Option<u16>| x.map_or_else(|| "-".to_string(), |v| v.to_string());
     let _ = writeln!(
         out,
-        "vq {:>2} {:<6} {} {} size {}/{} avail_idx {} next_avail {} posted {} used_idx {} next_used {} event_idx {} used_event {} avail_event {} avail_flags {} used_flags {} held {}",
+        "vq {:>2} {:<6} {} {} size {}/{} avail_idx {} next_avail {} posted {} used_idx {} next_used {} event_idx {} used_event {} avail_event {} avail_flags {} used_flags {} held {}{}",
         v.index,
         v.name,
         if v.enabled { "enabled" } else { "disabled" },
@@ -406,6 +410,8 @@ pub fn render(v: &QueueView, out: &mut String) {
         opt(v.avail_flags),
         opt(v.used_flags),
         v.held.len(),
+        v.backlog
+            .map_or(String::new(), |b| format!(" backlog {b}")),
     );
     if let Some(chains) = &v.chains {
         let _ = writeln!(
@@ -464,6 +470,7 @@ mod tests {
             name: "rx0".into(),
             enabled: true,
             held: vec![],
+            backlog: None,
         }
     }
 

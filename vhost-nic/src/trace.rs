@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::device::SteerInfo;
+use crate::device::{SteerHow, SteerInfo};
 use crate::inspect::ChainView;
 use crate::packet::{IpAddrs, ParsedPacket, L4};
 
@@ -305,7 +305,12 @@ pub fn render(entries: &[TraceEntry], out: &mut String) {
             let _ = write!(out, " split {s}");
         }
         if let Some(s) = &e.steer {
-            let _ = write!(out, " steer {:?} hash {:#010x}", s.how, s.hash);
+            let how = match s.how {
+                SteerHow::Rss => "rss",
+                SteerHow::FlowRule => "flow-rule",
+                SteerHow::Auto => "auto",
+            };
+            let _ = write!(out, " steer {how} hash {:#010x}", s.hash);
             if let Some(r) = s.rule {
                 let _ = write!(out, " rule {r}");
             }
