@@ -68,6 +68,10 @@ pub struct Cli {
     /// per virtqueue (default 256). It is dumped to the log at exit.
     #[arg(long, value_name = "DEPTH", num_args = 0..=1, default_missing_value = "256")]
     pub trace: Option<usize>,
+    /// Capture every device's traffic from the start into FILE (pcapng, a
+    /// new file; one interface per device).
+    #[arg(long, value_name = "FILE")]
+    pub capture: Option<PathBuf>,
 }
 
 fn parse_fault(s: &str) -> Result<FaultSpec, FaultError> {
@@ -119,8 +123,38 @@ pub enum CtlRequest {
         #[command(subcommand)]
         action: TraceCmd,
     },
+    /// pcapng capture of the frames the guest receives and sends.
+    Capture {
+        #[command(subcommand)]
+        action: CaptureCmd,
+    },
     /// Send a request line as is, e.g. '{"cmd":"stats"}'.
     Raw { line: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaptureCmd {
+    /// Start writing a new pcapng file (one interface per device).
+    Start {
+        /// The file; it must not exist yet.
+        file: PathBuf,
+        /// Only this queue pair.
+        #[arg(long)]
+        queue: Option<u16>,
+        /// rx, tx or both.
+        #[arg(long, default_value = "both")]
+        dir: String,
+        /// Bytes kept of each frame (default: all).
+        #[arg(long)]
+        snaplen: Option<u32>,
+        /// Stop after this many packets.
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// Stop and close the file.
+    Stop,
+    /// What is being captured.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]

@@ -22,6 +22,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::backend::NetBackend;
+use crate::capture::{CaptureFile, CaptureFilter};
 use crate::daemon::Devices;
 use crate::fault::{FaultKind, FaultSpec, FAULT_KINDS};
 use crate::inspect;
@@ -99,6 +100,38 @@ pub enum Request {
         #[serde(default)]
         format: Format,
     },
+    /// pcapng capture: `start` into a new `file` (queue pair `queue`,
+    /// direction `dir`, `snaplen` bytes per frame, at most `limit`
+    /// packets), `stop`, or `status` (the default).
+    Capture {
+        device: Option<DeviceSel>,
+        #[serde(default)]
+        action: CaptureAction,
+        file: Option<std::path::PathBuf>,
+        queue: Option<u16>,
+        #[serde(default)]
+        dir: Direction,
+        snaplen: Option<u32>,
+        limit: Option<u64>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureAction {
+    Start,
+    Stop,
+    #[default]
+    Status,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Rx,
+    Tx,
+    #[default]
+    Both,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -318,6 +351,96 @@ fn trace(
     })
 }
 
+/// What `capture start` asks for.
+pub struct CaptureRequest<'a> {
+    pub file: Option<&'a Path>,
+    pub queue: Option<u16>,
+    pub dir: Direction,
+    pub snaplen: Option<u32>,
+    pub limit: Option<u64>,
+}
+
+/// Starts a capture of the `targets` into one new file, one interface
+/// each. Used by the control socket and `--capture`.
+pub fn start_capture(targets: &[&Arc<NetBackend>], req: &CaptureRequest) -> Result<Value, String> {
+    let file = req
+        .file
+        .ok_or("capture start needs `file`: a path that does not exist yet")?;
+    for b in targets {
+        let d = b.device();
+        if let Some(q) = req.queue {
+            if q >= d.opts.queue_pairs {
+                return Err(format!(
+                    "device {} has {} queue pairs: no queue {q}",
+                    d.opts.name, d.opts.queue_pairs
+                ));
+            }
+        }
+        if let Some((path, _, _)) = d.capture.status() {
+            return Err(format!(
+                "device {} is already capturing into {}; stop that capture first",
+                d.opts.name,
+                path.display()
+            ));
+        }
+    }
+    let names: Vec<String> = targets
+        .iter()
+        .map(|b| b.device().opts.name.clone())
+        .collect();
+    let f = Arc::new(
+        CaptureFile::create(file, &names, req.limit.unwrap_or(0)).map_err(|e| e.to_string())?,
+    );
+    let filter = CaptureFilter {
+        queue: req.queue,
+        rx: req.dir != Direction::Tx,
+        tx: req.dir != Direction::Rx,
+        snaplen: req.snaplen.unwrap_or(0),
+    };
+    for (i, b) in targets.iter().enumerate() {
+        b.device()
+            .capture
+            .start(f.clone(), u32::try_from(i).unwrap_or(u32::MAX), filter);
+    }
+    Ok(json!({ "file": file, "interfaces": names }))
+}
+
+fn capture(
+    devices: &Devices,
+    sel: &Option<DeviceSel>,
+    action: CaptureAction,
+    req: &CaptureRequest,
+) -> Reply {
+    let targets = select(devices, sel)?;
+    match action {
+        CaptureAction::Start => start_capture(&targets, req),
+        CaptureAction::Stop => {
+            let mut files = Vec::new();
+            for b in &targets {
+                if let Some(f) = b.device().capture.stop() {
+                    let p = f.path.display().to_string();
+                    if !files.iter().any(|(q, _)| *q == p) {
+                        files.push((p, f.packets.load(Ordering::Relaxed)));
+                    }
+                }
+            }
+            let files: Vec<_> = files
+                .into_iter()
+                .map(|(file, packets)| json!({ "file": file, "packets": packets }))
+                .collect();
+            Ok(json!({ "stopped": files }))
+        }
+        CaptureAction::Status => per_device(devices, sel, |b| {
+            Ok(match b.device().capture.status() {
+                Some((path, packets, f)) => json!({
+                    "capturing": true, "file": path, "packets": packets, "filter": f,
+                }),
+                None => json!({ "capturing": false }),
+            })
+        }),
+    }
+}
+
 /// Answers one request line. The second value is false when the
 /// connection is to be closed after the reply (the legacy `stats` word).
 pub fn handle_line(devices: &Devices, line: &str) -> (Value, bool) {
@@ -382,6 +505,26 @@ pub fn handle_line(devices: &Devices, line: &str) -> (Value, bool) {
             format,
         } => trace(
             devices, device, *action, *depth, queue, flow, *last, *format,
+        ),
+        Request::Capture {
+            device,
+            action,
+            file,
+            queue,
+            dir,
+            snaplen,
+            limit,
+        } => capture(
+            devices,
+            device,
+            *action,
+            &CaptureRequest {
+                file: file.as_deref(),
+                queue: *queue,
+                dir: *dir,
+                snaplen: *snaplen,
+                limit: *limit,
+            },
         ),
     };
     match reply {

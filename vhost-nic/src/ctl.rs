@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::cli::{CtlArgs, CtlRequest, FaultAction, TraceCmd};
+use crate::cli::{CaptureCmd, CtlArgs, CtlRequest, FaultAction, TraceCmd};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
@@ -73,6 +73,32 @@ pub fn request(args: &CtlArgs) -> Result<(Value, bool), CtlError> {
                 }
                 v
             }
+        },
+        CtlRequest::Capture { action } => match action {
+            CaptureCmd::Start {
+                file,
+                queue,
+                dir,
+                snaplen,
+                limit,
+            } => {
+                // The daemon opens the file: make a relative path ours.
+                let file = std::path::absolute(file).unwrap_or_else(|_| file.clone());
+                let mut v =
+                    json!({ "cmd": "capture", "action": "start", "file": file, "dir": dir });
+                if let Some(q) = queue {
+                    v["queue"] = json!(q);
+                }
+                if let Some(n) = snaplen {
+                    v["snaplen"] = json!(n);
+                }
+                if let Some(n) = limit {
+                    v["limit"] = json!(n);
+                }
+                v
+            }
+            CaptureCmd::Stop => json!({ "cmd": "capture", "action": "stop" }),
+            CaptureCmd::Status => json!({ "cmd": "capture", "action": "status" }),
         },
         CtlRequest::Raw { line } => {
             let v: Value = serde_json::from_str(line).unwrap_or(Value::String(line.clone()));

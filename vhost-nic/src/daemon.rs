@@ -35,6 +35,7 @@ pub enum DaemonError {
     Socket { path: PathBuf, err: std::io::Error },
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
+    /// A bad --fault or --capture.
     #[error("{0}")]
     Fault(String),
 }
@@ -209,6 +210,7 @@ pub fn run(
     control_socket: Option<&Path>,
     faults: &[FaultSpec],
     trace: Option<usize>,
+    capture: Option<&Path>,
 ) -> Result<(), DaemonError> {
     let devices = Arc::new(Devices::build(opts)?);
     if let Some(depth) = trace {
@@ -222,6 +224,17 @@ pub fn run(
                 DaemonError::Fault(format!("--fault for {}: {e}", b.device().opts.name))
             })?;
         }
+    }
+    if let Some(file) = capture {
+        let all: Vec<_> = devices.backends.iter().collect();
+        let req = crate::control::CaptureRequest {
+            file: Some(file),
+            queue: None,
+            dir: crate::control::Direction::Both,
+            snaplen: None,
+            limit: None,
+        };
+        crate::control::start_capture(&all, &req).map_err(DaemonError::Fault)?;
     }
     let stop = Arc::new(AtomicBool::new(false));
     if let Some(path) = control_socket {
@@ -278,6 +291,16 @@ pub fn run(
         break;
     }
     info!("final stats: {}", devices.stats_json());
+    for b in &devices.backends {
+        if let Some(f) = b.device().capture.stop() {
+            info!(
+                "{}: capture {} closed, {} packets",
+                b.device().opts.name,
+                f.path.display(),
+                f.packets.load(Ordering::Relaxed)
+            );
+        }
+    }
     for b in &devices.backends {
         let d = b.device();
         let entries = d.tracer.entries(None, &crate::trace::FlowFilter::default());

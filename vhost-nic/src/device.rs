@@ -14,6 +14,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::admin::AdminDevice;
+use crate::capture::{Capture, PacketNote};
 use crate::config::DeviceOptions;
 use crate::ctrl::{self, ControlState, CtrlLimits, GUEST_OFFLOAD_BITS};
 use crate::fault::{ActiveFault, FaultKind, FaultSpec, Faults};
@@ -113,6 +114,7 @@ pub struct NetDevice {
     pub stats: DeviceStats,
     pub faults: Faults,
     pub tracer: Tracer,
+    pub capture: Capture,
 }
 
 impl NetDevice {
@@ -143,6 +145,7 @@ impl NetDevice {
             stats: DeviceStats::default(),
             faults: Faults::new(opts.queue_pairs),
             tracer: Tracer::new(opts.num_queues()),
+            capture: Capture::default(),
             opts,
         })
     }
@@ -553,6 +556,7 @@ impl NetDevice {
         let event_idx = self.event_idx.load(Ordering::Acquire);
         let mut used = false;
         let tracing = self.tracer.on();
+        let capturing = self.capture.on();
         let faults = if self.faults.armed() {
             if self.faults.needs_reset() {
                 return false;
@@ -610,6 +614,13 @@ impl NetDevice {
                 }
                 match outcome {
                     RxOutcome::Delivered(r) => {
+                        if capturing {
+                            let note = PacketNote {
+                                steer: Some(pkt.steer),
+                                split: r.split.then_some(r.split_hdr_len),
+                            };
+                            self.capture.packet(pair, true, &pkt.frame, note);
+                        }
                         used = true;
                         delivered += 1;
                         stats.rx_packets.inc();
@@ -671,6 +682,9 @@ impl NetDevice {
             if queue.avail_idx(&*mem, Ordering::Acquire).ok() == posted {
                 break;
             }
+        }
+        if capturing {
+            self.capture.flush();
         }
         used
     }
@@ -893,6 +907,7 @@ impl NetDevice {
         }
         let mut deferred: Vec<u16> = Vec::new();
         let tracing = self.tracer.on();
+        let capturing = self.capture.on();
         // The entry of the chain being handled, recorded when the next one
         // starts (each early exit below notes its outcome first).
         let mut entry: Option<TraceEntry> = None;
@@ -974,6 +989,10 @@ impl NetDevice {
                     e.frame_len = frame.len();
                     e.flow = Some(FlowKey::of(&packet::parse(&frame)));
                 }
+                if capturing {
+                    self.capture
+                        .packet(pair, false, &frame, PacketNote::default());
+                }
                 stats.tx_packets.inc();
                 stats.tx_bytes.add(frame.len() as u64);
                 stats.tx_bytes_from_device_memory.add(device_bytes);
@@ -1020,6 +1039,9 @@ impl NetDevice {
         }
         if let Some(p) = &port {
             p.flush(woken);
+        }
+        if capturing {
+            self.capture.flush();
         }
         used
     }

@@ -13,10 +13,11 @@
 //! sends before the features are set). For driver authors: `control`
 //! serves the control socket and `ctl` is its client; `inspect` reads
 //! virtqueues for it; `fault` makes the device misbehave on purpose;
-//! `trace` is the descriptor flight recorder.
+//! `trace` is the descriptor flight recorder and `capture` writes pcapng.
 
 pub mod admin;
 pub mod backend;
+pub mod capture;
 pub mod chain;
 pub mod cli;
 pub mod config;

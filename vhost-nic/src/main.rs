@@ -16,8 +16,14 @@ fn main() -> ExitCode {
         };
     }
     let result = cli.devices().map_err(|e| e.to_string()).and_then(|devs| {
-        vhost_nic::daemon::run(devs, cli.control_socket.as_deref(), &cli.faults, cli.trace)
-            .map_err(|e| e.to_string())
+        vhost_nic::daemon::run(
+            devs,
+            cli.control_socket.as_deref(),
+            &cli.faults,
+            cli.trace,
+            cli.capture.as_deref(),
+        )
+        .map_err(|e| e.to_string())
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -238,3 +238,59 @@ fn trace_through_the_socket_and_the_cli() {
         .unwrap()
         .is_empty());
 }
+
+#[test]
+fn capture_through_the_cli() {
+    let d = Daemon::start_pair(1);
+    let mut a = Nic::connect(&d.socket("a"), 1);
+    let mut b = Nic::connect(&d.socket("b"), 1);
+    let file = d.dir.join("cap.pcapng");
+    let ctl = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_vhost-nic"))
+            .args(["ctl", "--socket"])
+            .arg(d.socket("stats"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let f = file.to_str().unwrap();
+    let out = ctl(&["--device", "nic1", "capture", "start", f, "--dir", "rx"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Once only: the file exists now, and the device is busy.
+    let out = ctl(&["--device", "nic1", "capture", "start", f]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already capturing"));
+    for (req, want) in [
+        ("{\"cmd\":\"capture\",\"action\":\"start\"}", "needs `file`"),
+        ("{\"cmd\":\"capture\",\"action\":\"start\",\"file\":\"/nonexistent/dir/x\",\"device\":0}", "cannot create"),
+        ("{\"cmd\":\"capture\",\"action\":\"start\",\"file\":\"/tmp/x\",\"queue\":3}", "no queue 3"),
+        ("{\"cmd\":\"capture\",\"dir\":\"sideways\"}", "unknown variant"),
+    ] {
+        let v = d.control(req);
+        assert!(v["error"].as_str().unwrap().contains(want), "{req}: {v}");
+    }
+
+    b.post_rx(0, 4);
+    let frame = udp_frame(MAC_B, MAC_A, 4000, 5000, &[3u8; 100]);
+    a.send(0, &frame);
+    a.send(0, &frame);
+    assert_eq!(b.recv(&[0], 2, false).len(), 2);
+    let v = d.control("{\"cmd\":\"capture\",\"device\":\"nic1\"}");
+    assert_eq!(v["ok"]["devices"][0]["capturing"], true, "{v}");
+    d.wait_counter_json(
+        "{\"cmd\":\"capture\",\"device\":\"nic1\"}",
+        "/ok/devices/0/packets",
+        2,
+    );
+    let v = d.control("{\"cmd\":\"capture\",\"action\":\"stop\"}");
+    assert_eq!(v["ok"]["stopped"][0]["packets"], 2, "{v}");
+    let bytes = std::fs::read(&file).unwrap();
+    // Section header, one interface, two packets of 142 bytes.
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(text.contains("nic1"));
+    assert_eq!(text.matches("queue=rx0 hash=0x").count(), 2);
+}

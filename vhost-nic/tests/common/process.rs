@@ -133,6 +133,22 @@ impl Daemon {
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply `{line}`: {e}"))
     }
 
+    /// Polls the reply to `request` until the number at `pointer` is `want`.
+    pub fn wait_counter_json(&self, request: &str, pointer: &str, want: u64) {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let v = self.control(request);
+            if v.pointer(pointer).and_then(Value::as_u64) == Some(want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{pointer} in {v}, expected {want}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// The daemon is still running.
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().expect("try_wait").is_none()
