@@ -55,6 +55,9 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         rounds: u32,
     },
+    /// The driver toolkit's guest cases alone (faults under traffic, a bad
+    /// control request while the guest runs); `test` runs them too.
+    Toolkit(LabArgs),
     /// Run upstream kselftests (paths under tools/testing/selftests) in the guest, HW mode.
     Selftests {
         #[command(flatten)]
@@ -241,6 +244,7 @@ fn test(args: &LabArgs) -> Result<Tally> {
         report::all_queues_used(&stats),
         || report::stats_table(&stats),
     );
+    tally.add(driver_toolkit(&p.lab)?);
     let mut lab = p.lab;
     tally.add(daemon_killed_mid_transfer(&mut lab)?);
     drop(lab);
@@ -250,6 +254,120 @@ fn test(args: &LabArgs) -> Result<Tally> {
     banner("e2e", "upstream kselftests in HW mode");
     tally.add(selftests(args, UPSTREAM_SELFTESTS)?);
     Ok(tally)
+}
+
+/// Received packets the rx-drop fault dropped on one device, all queues.
+fn injected_drops(stats: &serde_json::Value, dev: &str) -> u64 {
+    stats["devices"]
+        .as_array()
+        .and_then(|ds| ds.iter().find(|d| d["name"] == dev))
+        .and_then(|d| d["queues"].as_array())
+        .map_or(0, |qs| {
+            qs.iter()
+                .map(|q| q["rx_drops"]["injected"].as_u64().unwrap_or(0))
+                .sum()
+        })
+}
+
+/// The driver toolkit with a real driver: the receiving NIC drops 1% of
+/// its packets (rx-drop, set on the control socket while the guest runs)
+/// during a checksummed TCP transfer, which must arrive intact through
+/// retransmits; malformed control requests sent meanwhile get errors and
+/// the daemon keeps serving the guest and the socket.
+fn driver_toolkit(lab: &Lab) -> Result<Tally> {
+    banner("e2e", "driver toolkit: rx-drop fault under a TCP transfer");
+    let script = format!(
+        "{}retrans() {{ awk '/^Tcp:/ {{ n++; if (n == 2) print $13 }}' /proc/net/snmp; }}\n\
+         before=$(retrans)\n\
+         touch /mnt/results/fault-on\n\
+         while [ ! -e /mnt/results/fault-set ]; do sleep 0.2; done\n\
+         LAB_TEST_PREFIX=toolkit_rx_drop_ LAB_TRANSFER_BYTES=33554432 python3 suite.py tcp_transfer_checksum\n\
+         echo \"retrans $before $(retrans)\"\n\
+         touch /mnt/results/fault-off\n",
+        guest_prologue()
+    );
+    let results = lab.run_dir.join("results");
+    for f in ["fault-on", "fault-set", "fault-off"] {
+        let _ = std::fs::remove_file(results.join(f));
+    }
+    let before = lab.stats()?;
+    let before_drops = injected_drops(&before, "nic1");
+    let guest_done = Arc::new(AtomicBool::new(false));
+    let run = std::thread::scope(|s| {
+        let done = guest_done.clone();
+        let results = &results;
+        let host = s.spawn(move || {
+            let asked = step::wait_until(Duration::from_secs(900), || {
+                results.join("fault-on").exists() || done.load(Ordering::Acquire)
+            }) && results.join("fault-on").exists();
+            if !asked {
+                return (false, Vec::new());
+            }
+            let set = lab
+                .control(br#"{"cmd":"fault","set":"rx-drop:ratio=0.01","device":"nic1"}"#)
+                .map(|v| v.get("ok").is_some())
+                .unwrap_or(false);
+            let _ = std::fs::write(results.join("fault-set"), b"");
+            // Malformed requests while the guest's traffic runs.
+            let oversized = vec![b'x'; 100 * 1024];
+            let bad: [&[u8]; 4] = [
+                b"garbage",
+                br#"{"cmd":"reboot"}"#,
+                br#"{"cmd":"ring","queue":999}"#,
+                &oversized,
+            ];
+            let replies: Vec<String> = bad
+                .iter()
+                .map(|r| match lab.control(r) {
+                    Ok(v) => v.get("error").map_or_else(
+                        || format!("no error: {v}"),
+                        |e| format!("error: {}", e.as_str().unwrap_or_default()),
+                    ),
+                    Err(e) => format!("no reply: {e}"),
+                })
+                .collect();
+            step::wait_until(Duration::from_secs(1800), || {
+                results.join("fault-off").exists() || done.load(Ordering::Acquire)
+            });
+            (set, replies)
+        });
+        let run = lab.run_guest(&script, Duration::from_secs(1800), false);
+        guest_done.store(true, Ordering::Release);
+        let host = host.join().unwrap_or((false, Vec::new()));
+        (run, host)
+    });
+    let (run, (fault_set, replies)) = run;
+    // Whatever happened, the fault goes.
+    let cleared = lab.control(br#"{"cmd":"fault","clear":"all"}"#);
+    let run = run?;
+    let mut t = report::parse_ktap(&run.output);
+    let stats = lab.stats()?;
+    let drops = injected_drops(&stats, "nic1").saturating_sub(before_drops);
+    let retrans: Option<(u64, u64)> = run.output.lines().find_map(|l| {
+        let mut w = l.strip_prefix("retrans ")?.split_whitespace();
+        Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
+    });
+    t.check(
+        "toolkit_rx_drop_fault_fired_and_tcp_retransmitted",
+        fault_set && drops > 0 && retrans.is_some_and(|(a, b)| b > a),
+        || {
+            format!(
+                "fault set: {fault_set}, injected drops on nic1: {drops}, guest TCP retransmits (before, after): {retrans:?}; console: {}",
+                run.console.display()
+            )
+        },
+    );
+    t.check(
+        "toolkit_malformed_requests_get_errors_daemon_serves",
+        replies.len() == 4
+            && replies.iter().all(|r| r.starts_with("error: "))
+            && matches!(&cleared, Ok(v) if v.get("ok").is_some())
+            && lab
+                .control(br#"{"cmd":"queues"}"#)
+                .is_ok_and(|v| v.get("ok").is_some()),
+        || format!("replies: {replies:?}, clear: {cleared:?}"),
+    );
+    Ok(t)
 }
 
 /// The daemon dies while the guest sends: the guest's transfer must end
@@ -665,6 +783,7 @@ fn main() -> ExitCode {
         })
         .map(|()| None),
         Cmd::Selftests { lab, paths } => selftests(lab, paths).map(Some),
+        Cmd::Toolkit(a) => prepare(a).and_then(|p| driver_toolkit(&p.lab)).map(Some),
         Cmd::Bench {
             lab,
             devmem: true,
