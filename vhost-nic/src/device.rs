@@ -1019,11 +1019,13 @@ impl NetDevice {
                 self.tracer.record(e);
             }
             complete_reversed(queue, &mem, &mut deferred);
-            // Entries pending but not handed out (an avail index more than a
-            // ring ahead) must not keep the loop going: only a moved index does.
+            // Notifications back on (without EVENT_IDX that clears the used
+            // ring's NO_NOTIFY flag, which such a driver honours), then round
+            // again if the driver posted meanwhile. Entries pending but not
+            // handed out (an avail index more than a ring ahead) must not
+            // keep the loop going: only a moved index does.
             if n < BUDGET
-                && !(event_idx_enabled(queue)
-                    && matches!(queue.enable_notification(&*mem), Ok(true))
+                && !(matches!(queue.enable_notification(&*mem), Ok(true))
                     && queue.avail_idx(&*mem, Ordering::Acquire).ok() != posted)
             {
                 break;
@@ -1224,10 +1226,6 @@ fn with_hash(h: VirtioNetHdr, from: &VirtioNetHdr) -> VirtioNetHdr {
         hash_report: from.hash_report,
         ..h
     }
-}
-
-fn event_idx_enabled<Q: QueueT>(q: &Q) -> bool {
-    q.event_idx_enabled()
 }
 
 #[derive(Debug, thiserror::Error)]
