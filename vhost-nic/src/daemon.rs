@@ -153,6 +153,7 @@ fn serve_device(backend: Arc<NetBackend>, listener: UnixListener, stop: Arc<Atom
             Err(e) => warn!("{name}: connection ended: {e}"),
         }
         backend.forget_vrings();
+        backend.device().set_backend_channel(None);
         backend.device().reset();
         backend.device().clear_vring_states();
     }
@@ -185,6 +186,7 @@ fn serve_connection(backend: &Arc<NetBackend>, frontend: UnixStream) -> Result<(
             relay_end,
             dev.opts.num_queues(),
             |index, enabled| dev.set_vring_enabled(index, enabled),
+            |fd| dev.set_backend_channel(Some(UnixStream::from(fd))),
         );
         // The relay closed the backend's connection: its thread ends now.
         let served = daemon.wait();

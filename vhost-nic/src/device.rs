@@ -115,6 +115,9 @@ pub struct NetDevice {
     pub faults: Faults,
     pub tracer: Tracer,
     pub capture: Capture,
+    /// The frontend's backend request channel (VHOST_USER_SET_BACKEND_REQ_FD),
+    /// for config-change notices.
+    backend_channel: Mutex<Option<std::os::unix::net::UnixStream>>,
 }
 
 impl NetDevice {
@@ -146,6 +149,7 @@ impl NetDevice {
             faults: Faults::new(opts.queue_pairs),
             tracer: Tracer::new(opts.num_queues()),
             capture: Capture::default(),
+            backend_channel: Mutex::new(None),
             opts,
         })
     }
@@ -271,7 +275,9 @@ impl NetDevice {
 
     /// Sets a fault (see fault.rs) and applies its immediate effects.
     pub fn set_fault(&self, spec: FaultSpec) -> Result<(), crate::fault::FaultError> {
+        let link = self.link_up();
         self.faults.set(spec, self.opts.queue_pairs)?;
+        self.link_changed(link);
         self.wake_all_rx();
         Ok(())
     }
@@ -279,9 +285,63 @@ impl NetDevice {
     /// Clears faults; held chains go back and delayed packets out on the
     /// next receive run, which this starts.
     pub fn clear_faults(&self, kind: Option<FaultKind>, queue: Option<u16>) -> usize {
+        let link = self.link_up();
         let n = self.faults.clear(kind, queue);
+        self.link_changed(link);
         self.wake_all_rx();
         n
+    }
+
+    /// The link status in the config space moved from `before`: tell the
+    /// driver, as a NIC raises a config interrupt.
+    fn link_changed(&self, before: bool) {
+        if self.link_up() != before && !self.notify_config() {
+            debug!(
+                "{}: no backend channel: the driver sees the link change when it next reads the config space",
+                self.opts.name
+            );
+        }
+    }
+
+    /// The frontend's backend request channel, or None when it goes.
+    pub fn set_backend_channel(&self, channel: Option<std::os::unix::net::UnixStream>) {
+        *self
+            .backend_channel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = channel;
+    }
+
+    /// Sends VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (no reply asked): the
+    /// frontend raises a config interrupt. False without a channel or when
+    /// the send fails.
+    pub fn notify_config(&self) -> bool {
+        use std::io::Write;
+        const CONFIG_CHANGE_MSG: u32 = 2;
+        const VERSION_1: u32 = 1;
+        let mut msg = [0u8; 12];
+        msg[0..4].copy_from_slice(&CONFIG_CHANGE_MSG.to_ne_bytes());
+        msg[4..8].copy_from_slice(&VERSION_1.to_ne_bytes());
+        let ch = self
+            .backend_channel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let Some(sock) = ch.as_ref() else {
+            return false;
+        };
+        let _ = sock.set_write_timeout(Some(std::time::Duration::from_secs(1)));
+        match (&*sock).write_all(&msg) {
+            Ok(()) => {
+                self.stats.config_notifications.inc();
+                true
+            }
+            Err(e) => {
+                warn!(
+                    "{}: cannot send a config-change notice: {e}",
+                    self.opts.name
+                );
+                false
+            }
+        }
     }
 
     fn wake_all_rx(&self) {

@@ -163,6 +163,8 @@ pub struct DeviceStats {
     pub admin_errors: Counter,
     pub config_writes_rejected: Counter,
     pub memory_updates: Counter,
+    /// Config-change notices sent to the frontend (link status changes).
+    pub config_notifications: Counter,
     /// Received packets hashed for steering, by `hash % RSS_HASH_BUCKETS`:
     /// an even spread means the hash input varies as it should.
     pub rss_hash_buckets: [Counter; RSS_HASH_BUCKETS],

@@ -197,7 +197,24 @@ fn needs_reset_stops_every_queue_until_reset() {
 #[test]
 fn link_down_drops_and_shows_in_config() {
     let (mut a, mut b) = pair(BASE, BASE);
+    // The frontend's backend request channel gets a config-change notice
+    // each time the link changes.
+    let (mine, frontend) = std::os::unix::net::UnixStream::pair().unwrap();
+    frontend
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    b.dev.set_backend_channel(Some(mine));
+    let notice = || {
+        use std::io::Read;
+        let mut m = [0u8; 12];
+        (&frontend).read_exact(&mut m).unwrap();
+        m
+    };
     set(&b, "link-down");
+    let mut want = [0u8; 12];
+    want[0] = 2; // VHOST_USER_BACKEND_CONFIG_CHANGE_MSG
+    want[4] = 1; // version 1, no reply asked
+    assert_eq!(notice(), want);
     let status = |n: &Nic| n.dev.read_config(CFG_STATUS as u32, 2)[0];
     assert_eq!(status(&b) & 1, 0);
     a.send(&tcp4(MAC_B, &Flow::nth(0), 100));
@@ -210,6 +227,8 @@ fn link_down_drops_and_shows_in_config() {
     );
     b.dev.clear_faults(Some(FaultKind::LinkDown), None);
     assert_eq!(status(&b) & 1, 1);
+    assert_eq!(notice(), want);
+    assert_eq!(b.dev.stats.config_notifications.get(), 2);
     a.send(&tcp4(MAC_B, &Flow::nth(0), 100));
     assert_eq!(b.receive(0, 1).len(), 1);
 }
