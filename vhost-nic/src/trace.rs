@@ -21,8 +21,9 @@ use crate::packet::{IpAddrs, ParsedPacket, L4};
 
 /// Entries kept per virtqueue unless asked otherwise.
 pub const DEFAULT_DEPTH: usize = 256;
-/// Most entries kept per virtqueue.
-pub const MAX_DEPTH: usize = 65536;
+/// Most entries kept per virtqueue: an entry with its descriptors takes a
+/// few hundred bytes, and a device has up to 34 virtqueues.
+pub const MAX_DEPTH: usize = 8192;
 
 /// A frame's 5-tuple, as far as the parser got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
