@@ -142,7 +142,7 @@ pub enum CaptureCmd {
         #[arg(long)]
         queue: Option<u16>,
         /// rx, tx or both.
-        #[arg(long, default_value = "both")]
+        #[arg(long, default_value = "both", value_parser = ["rx", "tx", "both"])]
         dir: String,
         /// Bytes kept of each frame (default: all).
         #[arg(long)]
