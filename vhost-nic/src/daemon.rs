@@ -105,7 +105,7 @@ impl Devices {
                     "port": d.port().map(|p| p.describe()),
                     "acked_features": format!("{:#x}", d.acked_features()),
                     "active_pairs": d.control().active_pairs,
-                    "device": d.stats,
+                    "device": device_counters(d),
                     "queues": d.queue_stats,
                     "link_up": d.link_up(),
                     "faults": d.faults.to_json(),
@@ -115,6 +115,22 @@ impl Devices {
             .collect();
         serde_json::json!({ "devices": devices })
     }
+}
+
+/// The device-wide counters, plus the RSS hash distribution summed over
+/// the queues (an even spread means the hash input varies as it should).
+fn device_counters(d: &NetDevice) -> serde_json::Value {
+    let mut v = serde_json::to_value(&d.stats).unwrap_or_default();
+    let mut buckets = [0u64; crate::stats::RSS_HASH_BUCKETS];
+    for q in &d.queue_stats {
+        for (b, c) in buckets.iter_mut().zip(&q.rx_hash_buckets) {
+            *b += c.get();
+        }
+    }
+    if let serde_json::Value::Object(m) = &mut v {
+        m.insert("rss_hash_buckets".into(), serde_json::json!(buckets));
+    }
+    v
 }
 
 /// Why one frontend connection ended abnormally.

@@ -528,14 +528,6 @@ impl NetDevice {
             return Steered::Dropped(DropReason::QueueDisabled);
         };
         let stats = &self.queue_stats[usize::from(q)];
-        match steer.how {
-            SteerHow::Rss => stats.rx_steered_rss.inc(),
-            SteerHow::FlowRule => stats.rx_steered_flow_rule.inc(),
-            SteerHow::Auto => stats.rx_steered_auto.inc(),
-        }
-        if steer.how != SteerHow::FlowRule {
-            self.stats.rss_hash_buckets[steer.hash as usize % RSS_HASH_BUCKETS].inc();
-        }
         let arrived = self.tracer.on().then(Instant::now);
         let mut pending = backlog.pending.lock().unwrap_or_else(|e| e.into_inner());
         let mut push = |frame: Vec<u8>, hdr: VirtioNetHdr, parsed: ParsedPacket| {
@@ -683,17 +675,30 @@ impl NetDevice {
                         }
                         used = true;
                         delivered += 1;
-                        stats.rx_packets.inc();
-                        stats.rx_bytes.add(pkt.frame.len() as u64);
-                        stats.rx_buffers.add(u64::from(r.buffers));
-                        stats.rx_bytes_to_ram.add(r.ram_bytes);
-                        stats.rx_bytes_to_device_memory.add(r.device_bytes);
+                        // One writer per queue: its worker, under the vring
+                        // lock (see Counter::add_serialized).
+                        stats.rx_packets.add_serialized(1);
+                        stats.rx_bytes.add_serialized(pkt.frame.len() as u64);
+                        stats.rx_buffers.add_serialized(u64::from(r.buffers));
+                        stats.rx_bytes_to_ram.add_serialized(r.ram_bytes);
+                        stats
+                            .rx_bytes_to_device_memory
+                            .add_serialized(r.device_bytes);
                         if layout.split.is_some() {
                             if r.split {
-                                stats.rx_split.inc();
+                                stats.rx_split.add_serialized(1);
                             } else {
-                                stats.rx_not_split.inc();
+                                stats.rx_not_split.add_serialized(1);
                             }
+                        }
+                        match pkt.steer.how {
+                            SteerHow::Rss => stats.rx_steered_rss.add_serialized(1),
+                            SteerHow::FlowRule => stats.rx_steered_flow_rule.add_serialized(1),
+                            SteerHow::Auto => stats.rx_steered_auto.add_serialized(1),
+                        }
+                        if pkt.steer.how != SteerHow::FlowRule {
+                            stats.rx_hash_buckets[pkt.steer.hash as usize % RSS_HASH_BUCKETS]
+                                .add_serialized(1);
                         }
                     }
                     RxOutcome::NoBuffers => {
@@ -970,8 +975,8 @@ impl NetDevice {
         let capturing = self.capture.on();
         // The entry of the chain being handled, recorded when the next one
         // starts (each early exit below notes its outcome first).
-        let mut entry: Option<TraceEntry> = None;
-        let note = |entry: &mut Option<TraceEntry>, what: &str| {
+        let mut entry: Option<Box<TraceEntry>> = None;
+        let note = |entry: &mut Option<Box<TraceEntry>>, what: &str| {
             if let Some(e) = entry.as_mut() {
                 e.outcome = what.to_string();
             }
@@ -987,13 +992,13 @@ impl NetDevice {
                 n += 1;
                 let head = chain.head_index();
                 if let Some(e) = entry.take() {
-                    self.tracer.record(e);
+                    self.tracer.record(*e);
                 }
                 if tracing {
                     let t0 = Instant::now();
                     let view =
                         inspect::walk(&*mem, queue.desc_table(), queue.size(), head, &regions);
-                    entry = Some(TraceEntry {
+                    entry = Some(Box::new(TraceEntry {
                         seq: 0,
                         t_us: 0,
                         vq: tx_index(pair),
@@ -1007,7 +1012,7 @@ impl NetDevice {
                         steer: None,
                         flow: None,
                         outcome: "ok".into(),
-                    });
+                    }));
                 }
                 let res = request::read_tx_chain(chain, &regions, queue.size(), buf);
                 // A chain that cannot be read is counted once, below.
@@ -1027,7 +1032,7 @@ impl NetDevice {
                         stats.tx_drops.count(DropReason::BadChain);
                         note(&mut entry, &format!("error: {e}"));
                         if let Some(t) = entry.take() {
-                            self.tracer.record(t);
+                            self.tracer.record(*t);
                         }
                         self.dump_trace_on_error(tx_index(pair), &e.to_string());
                         continue;
@@ -1076,7 +1081,7 @@ impl NetDevice {
                 }
             }
             if let Some(e) = entry.take() {
-                self.tracer.record(e);
+                self.tracer.record(*e);
             }
             complete_reversed(queue, &mem, &mut deferred);
             // Notifications back on (without EVENT_IDX that clears the used

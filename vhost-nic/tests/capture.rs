@@ -103,5 +103,12 @@ fn both_directions_with_rss_and_split_notes() {
     let c = &got[1].3;
     assert!(c.starts_with(&format!("queue=rx{q} hash=0x")), "{c}");
     assert!(c.ends_with("steer=rss rule=- split=54"), "{c}");
+    // The steering counters of the queue agree.
+    let qs = &b.dev.queue_stats[usize::from(q)];
+    assert_eq!(qs.rx_steered_rss.get(), 1);
+    assert_eq!(qs.rx_steered_auto.get(), 0);
+    let hash = u32::from_str_radix(&c[c.find("0x").unwrap() + 2..][..8], 16).unwrap();
+    assert_eq!(qs.rx_hash_buckets[hash as usize % 16].get(), 1);
+    assert_eq!(qs.rx_hash_buckets.iter().map(|c| c.get()).sum::<u64>(), 1);
     let _ = std::fs::remove_file(&path);
 }
