@@ -2,21 +2,25 @@
 //! requests and ring kicks onto the device model in device.rs.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use log::{debug, info, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_queue::QueueT;
+use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
 use crate::device::{GuestMem, NetDevice};
+use crate::fault::FaultKind;
+use crate::inspect::{view, QueueMeta, QueueView};
 use crate::request::ChainBuf;
 use crate::rx::RxWriter;
-use crate::spec::{queue_role, rx_index, tx_index, QueueRole};
+use crate::spec::{queue_name, queue_role, rx_index, tx_index, QueueRole};
 
 pub type NetVring = VringRwLock<GuestMem>;
 
@@ -32,6 +36,12 @@ pub struct NetBackend {
     /// order the epoll handler numbers them.
     thread_queues: Vec<Vec<usize>>,
     scratch: Vec<Mutex<WorkerScratch>>,
+    /// The current connection's vrings by global index, for the control
+    /// socket's queue views. Worker threads fill in theirs on their first
+    /// event (the vhost-user crate does not hand them out otherwise).
+    vrings: Mutex<Vec<Option<NetVring>>>,
+    /// Per worker thread: its vrings are in `vrings`.
+    vrings_known: Vec<AtomicBool>,
 }
 
 /// Custom epoll event ids start above the vring ids and the exit event.
@@ -74,11 +84,92 @@ impl NetBackend {
                 })
             })
             .collect();
+        let vrings_known = thread_queues
+            .iter()
+            .map(|_| AtomicBool::new(false))
+            .collect();
         NetBackend {
+            vrings: Mutex::new(vec![None; dev.opts.num_queues()]),
             dev,
             thread_queues,
             scratch,
+            vrings_known,
         }
+    }
+
+    /// A connection ended: its vrings are gone.
+    pub fn forget_vrings(&self) {
+        let mut v = self.vrings.lock().unwrap_or_else(|e| e.into_inner());
+        v.iter_mut().for_each(|r| *r = None);
+        for k in &self.vrings_known {
+            k.store(false, Ordering::Release);
+        }
+    }
+
+    fn remember_vrings(&self, thread: usize, vrings: &[NetVring]) {
+        let Some(globals) = self.thread_queues.get(thread) else {
+            return;
+        };
+        let mut v = self.vrings.lock().unwrap_or_else(|e| e.into_inner());
+        for (&g, vring) in globals.iter().zip(vrings) {
+            if let Some(slot) = v.get_mut(g) {
+                *slot = Some(vring.clone());
+            }
+        }
+        if let Some(k) = self.vrings_known.get(thread) {
+            k.store(true, Ordering::Release);
+        }
+    }
+
+    /// Views of the virtqueues (all, or only `only`), with their chains
+    /// if `chains`. Queues the frontend has not set up show as not ready.
+    pub fn queue_views(&self, only: Option<usize>, chains: bool) -> Vec<QueueView> {
+        let vrings = self
+            .vrings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mem = self.dev.memory();
+        let guard = mem.as_ref().map(|m| m.memory());
+        let regions = self.dev.regions();
+        let pairs = self.dev.opts.queue_pairs;
+        let mut out = Vec::new();
+        for (index, vring) in vrings.iter().enumerate() {
+            if only.is_some_and(|o| o != index) {
+                continue;
+            }
+            let meta = |enabled| QueueMeta {
+                index,
+                name: queue_name(index, pairs),
+                enabled,
+                held: self.dev.held_chains(index),
+                backlog: match queue_role(index, pairs) {
+                    Some(QueueRole::Rx(p)) => Some(self.dev.backlog_len(p)),
+                    _ => None,
+                },
+            };
+            let v = match vring {
+                Some(vr) => {
+                    let st = vr.get_ref();
+                    view(
+                        st.get_queue(),
+                        guard.as_deref(),
+                        &regions,
+                        meta(st.is_enabled()),
+                        chains,
+                    )
+                }
+                None => {
+                    // Not set up by the frontend yet: an empty queue says so.
+                    let Ok(q) = virtio_queue::Queue::new(self.dev.opts.queue_size) else {
+                        continue;
+                    };
+                    view(&q, guard.as_deref(), &regions, meta(false), chains)
+                }
+            };
+            out.push(v);
+        }
+        out
     }
 
     pub fn device(&self) -> &Arc<NetDevice> {
@@ -146,14 +237,47 @@ impl NetBackend {
         vrings.get(local)
     }
 
-    fn signal(&self, vring: &NetVring) {
+    /// Interrupts the guest for `vring` if the driver wants it. `data` is
+    /// the queue pair and direction (true: RX) of a data queue, for the
+    /// counters and the interrupt faults.
+    fn signal(&self, vring: &NetVring, data: Option<(u16, bool)>) {
+        let counters = data.and_then(|(pair, rx)| {
+            let s = self.dev.queue_stats.get(usize::from(pair))?;
+            Some(if rx {
+                (&s.rx_interrupts_sent, &s.rx_interrupts_suppressed)
+            } else {
+                (&s.tx_interrupts_sent, &s.tx_interrupts_suppressed)
+            })
+        });
         match vring.needs_notification() {
             Ok(true) => {
-                if let Err(e) = vring.signal_used_queue() {
-                    warn!("{}: cannot signal guest: {e}", self.dev.opts.name);
+                let mut times = 1;
+                if let (Some((pair, _)), true) = (data, self.dev.faults.armed()) {
+                    let f = &self.dev.faults;
+                    if f.fires(FaultKind::IrqSuppress, pair) {
+                        times = 0;
+                    } else if f.fires(FaultKind::IrqDuplicate, pair) {
+                        times = 2;
+                    }
+                }
+                if times == 0 {
+                    if let Some((_, suppressed)) = counters {
+                        suppressed.inc();
+                    }
+                }
+                for _ in 0..times {
+                    if let Err(e) = vring.signal_used_queue() {
+                        warn!("{}: cannot signal guest: {e}", self.dev.opts.name);
+                    } else if let Some((sent, _)) = counters {
+                        sent.inc();
+                    }
                 }
             }
-            Ok(false) => {}
+            Ok(false) => {
+                if let Some((_, suppressed)) = counters {
+                    suppressed.inc();
+                }
+            }
             Err(e) => debug!("{}: needs_notification: {e}", self.dev.opts.name),
         }
     }
@@ -192,7 +316,7 @@ impl NetBackend {
             if let Some(s) = self.dev.queue_stats.get(usize::from(pair)) {
                 s.rx_notifications.inc();
             }
-            self.signal(vring);
+            self.signal(vring, Some((pair, true)));
         }
     }
 
@@ -226,12 +350,14 @@ impl NetBackend {
             }
         };
         if used {
+            let mut data = None;
             if let QueueRole::Tx(pair) = role {
                 if let Some(s) = self.dev.queue_stats.get(usize::from(pair)) {
                     s.tx_notifications.inc();
                 }
+                data = Some((pair, false));
             }
-            self.signal(vring);
+            self.signal(vring, data);
         }
     }
 }
@@ -315,6 +441,9 @@ impl VhostUserBackend for NetBackend {
                     s.ring_resets.inc();
                 }
             }
+            if let QueueRole::Rx(p) = role {
+                self.dev.faults.ring_reset(p);
+            }
         }
         Ok(())
     }
@@ -333,6 +462,13 @@ impl VhostUserBackend for NetBackend {
             return Ok(());
         };
         let mut scratch = scratch.lock().unwrap_or_else(|e| e.into_inner());
+        if !self
+            .vrings_known
+            .get(thread_id)
+            .is_some_and(|k| k.load(Ordering::Relaxed))
+        {
+            self.remember_vrings(thread_id, vrings);
+        }
         if usize::from(device_event) < vrings.len() {
             if let Some(&global) = self
                 .thread_queues

@@ -2,18 +2,22 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 use crate::config::{DeviceOptions, MacAddr, OptionError, PortSpec};
+use crate::fault::{FaultError, FaultSpec};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "vhost-nic",
     version,
     about = "A virtio-net NIC (multi-queue, RSS, flow filter, header split, ring reset) as a vhost-user backend",
-    after_help = "Examples:\n  vhost-nic --socket /tmp/nic0.sock --queues 4 --port tap:tap0\n  vhost-nic --device socket=/tmp/a.sock,port=wire:w0 --device socket=/tmp/b.sock,port=wire:w0,queues=2"
+    after_help = "Examples:\n  vhost-nic --socket /tmp/nic0.sock --queues 4 --port tap:tap0\n  vhost-nic --device socket=/tmp/a.sock,port=wire:w0 --device socket=/tmp/b.sock,port=wire:w0,queues=2 --control-socket /tmp/ctl.sock\n  vhost-nic ctl --socket /tmp/ctl.sock queues",
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// vhost-user socket of a single device (the daemon listens on it).
     #[arg(long, conflicts_with = "device")]
     pub socket: Option<PathBuf>,
@@ -53,9 +57,149 @@ pub struct Cli {
     /// rss-contexts (on/off), hash-fields (on/off). Repeatable.
     #[arg(long)]
     pub device: Vec<String>,
-    /// UNIX socket answering `stats` with all counters as JSON.
+    /// Control socket (JSON lines: stats, queues, ring, fault, ...; see
+    /// docs/driver-toolkit.md). `--stats-socket` is the old name.
+    #[arg(long, visible_alias = "stats-socket")]
+    pub control_socket: Option<PathBuf>,
+    /// Inject a fault into every device from the start:
+    /// KIND[:queue=Q,ratio=R,count=N,ms=M,bytes=B,limit=L], e.g.
+    /// rx-drop:queue=0,ratio=0.1. Repeatable. Kinds: rx-drop, rx-hold,
+    /// rx-delay, rx-batch, tx-reorder, rx-short, rx-bad-csum, rx-no-split,
+    /// irq-suppress, irq-duplicate, link-down, needs-reset.
+    #[arg(long = "fault", value_name = "SPEC", value_parser = parse_fault)]
+    pub faults: Vec<FaultSpec>,
+    /// Start the descriptor flight recorder at once, keeping DEPTH entries
+    /// per virtqueue (default 256). It is dumped to the log at exit.
+    #[arg(long, value_name = "DEPTH", num_args = 0..=1, default_missing_value = "256")]
+    pub trace: Option<usize>,
+    /// Capture every device's traffic from the start into FILE (pcapng, a
+    /// new file; one interface per device).
+    #[arg(long, value_name = "FILE")]
+    pub capture: Option<PathBuf>,
+}
+
+fn parse_fault(s: &str) -> Result<FaultSpec, FaultError> {
+    FaultSpec::parse(s)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Talk to a running daemon's control socket.
+    Ctl(CtlArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  vhost-nic ctl --socket /tmp/ctl.sock stats\n  vhost-nic ctl --socket /tmp/ctl.sock --device nic1 ring rx0\n  vhost-nic ctl --socket /tmp/ctl.sock fault set rx-drop:queue=0,ratio=0.1\n  vhost-nic ctl --socket /tmp/ctl.sock raw '{\"cmd\":\"queues\"}'"
+)]
+pub struct CtlArgs {
+    /// The daemon's control socket (its --control-socket).
     #[arg(long)]
-    pub stats_socket: Option<PathBuf>,
+    pub socket: PathBuf,
+    /// Only this device (name such as nic0, or index); default: every device.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Print the reply as the daemon sent it (one JSON line).
+    #[arg(long)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub request: CtlRequest,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlRequest {
+    /// All counters, per device and per queue.
+    Stats,
+    /// State of every virtqueue: sizes, addresses, indices, event-idx values.
+    Queues,
+    /// One virtqueue with its posted and held chains, descriptor by descriptor.
+    Ring {
+        /// Virtqueue index or name: rx0, tx0, rx1, ..., ctrl, admin.
+        queue: String,
+    },
+    /// Inject, clear or list faults.
+    Fault {
+        #[command(subcommand)]
+        action: FaultAction,
+    },
+    /// The descriptor flight recorder.
+    Trace {
+        #[command(subcommand)]
+        action: TraceCmd,
+    },
+    /// pcapng capture of the frames the guest receives and sends.
+    Capture {
+        #[command(subcommand)]
+        action: CaptureCmd,
+    },
+    /// Send a request line as is, e.g. '{"cmd":"stats"}'.
+    Raw { line: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaptureCmd {
+    /// Start writing a new pcapng file (one interface per device).
+    Start {
+        /// The file; it must not exist yet.
+        file: PathBuf,
+        /// Only this queue pair.
+        #[arg(long)]
+        queue: Option<u16>,
+        /// rx, tx or both.
+        #[arg(long, default_value = "both", value_parser = ["rx", "tx", "both"])]
+        dir: String,
+        /// Bytes kept of each frame (default: all).
+        #[arg(long)]
+        snaplen: Option<u32>,
+        /// Stop after this many packets.
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// Stop and close the file.
+    Stop,
+    /// What is being captured.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TraceCmd {
+    /// Start recording.
+    On {
+        /// Entries kept per virtqueue (default 256).
+        #[arg(long)]
+        depth: Option<usize>,
+    },
+    /// Stop recording (what was recorded stays).
+    Off,
+    /// Forget what was recorded.
+    Clear,
+    /// Show what was recorded, oldest first.
+    Dump {
+        /// Only this virtqueue (index or name: rx0, tx0, ...).
+        #[arg(long)]
+        queue: Option<String>,
+        /// Only this flow: KEY=VALUE,... with proto, src, dst, sport, dport, port.
+        #[arg(long)]
+        flow: Option<String>,
+        /// Only the last N entries.
+        #[arg(long)]
+        last: Option<usize>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FaultAction {
+    /// Set a fault: KIND[:queue=Q,ratio=R,count=N,ms=M,bytes=B,limit=L].
+    Set { spec: String },
+    /// Clear faults of one kind, or `all`.
+    Clear {
+        kind: String,
+        /// Only the fault set for this queue pair.
+        #[arg(long)]
+        queue: Option<u16>,
+    },
+    /// Faults in force and how often each kind fired.
+    List,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,8 +1,7 @@
-//! Serving devices: one vhost-user socket per device, ports wired up, a
-//! stats socket, and clean shutdown.
+//! Serving devices: one vhost-user socket per device, ports wired up, the
+//! control socket, and clean shutdown.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +16,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use crate::backend::NetBackend;
 use crate::config::{DeviceOptions, OptionError, PortSpec};
 use crate::device::NetDevice;
+use crate::fault::FaultSpec;
 use crate::frontend_relay::{self, RelayError};
 use crate::port::tap::{TapError, TapPort};
 use crate::port::wire::Wire;
@@ -33,8 +33,11 @@ pub enum DaemonError {
     Device { name: String, err: std::io::Error },
     #[error("cannot listen on vhost-user socket {path}: {err}")]
     Socket { path: PathBuf, err: std::io::Error },
-    #[error("cannot bind stats socket {path}: {err}")]
-    StatsSocket { path: PathBuf, err: std::io::Error },
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
+    /// A bad --fault or --capture.
+    #[error("{0}")]
+    Fault(String),
 }
 
 /// The devices of one daemon, wired to their ports.
@@ -102,14 +105,32 @@ impl Devices {
                     "port": d.port().map(|p| p.describe()),
                     "acked_features": format!("{:#x}", d.acked_features()),
                     "active_pairs": d.control().active_pairs,
-                    "device": d.stats,
+                    "device": device_counters(d),
                     "queues": d.queue_stats,
+                    "link_up": d.link_up(),
+                    "faults": d.faults.to_json(),
                     "flow_rules": d.admin().flow_filter().rule_hits().map(|(id, hits)| serde_json::json!({"rule": id, "hits": hits})).collect::<Vec<_>>(),
                 })
             })
             .collect();
         serde_json::json!({ "devices": devices })
     }
+}
+
+/// The device-wide counters, plus the RSS hash distribution summed over
+/// the queues (an even spread means the hash input varies as it should).
+fn device_counters(d: &NetDevice) -> serde_json::Value {
+    let mut v = serde_json::to_value(&d.stats).unwrap_or_default();
+    let mut buckets = [0u64; crate::stats::RSS_HASH_BUCKETS];
+    for q in &d.queue_stats {
+        for (b, c) in buckets.iter_mut().zip(&q.rx_hash_buckets) {
+            *b += c.get();
+        }
+    }
+    if let serde_json::Value::Object(m) = &mut v {
+        m.insert("rss_hash_buckets".into(), serde_json::json!(buckets));
+    }
+    v
 }
 
 /// Why one frontend connection ended abnormally.
@@ -147,6 +168,8 @@ fn serve_device(backend: Arc<NetBackend>, listener: UnixListener, stop: Arc<Atom
             Ok(()) => info!("{name}: frontend disconnected"),
             Err(e) => warn!("{name}: connection ended: {e}"),
         }
+        backend.forget_vrings();
+        backend.device().set_backend_channel(None);
         backend.device().reset();
         backend.device().clear_vring_states();
     }
@@ -179,6 +202,7 @@ fn serve_connection(backend: &Arc<NetBackend>, frontend: UnixStream) -> Result<(
             relay_end,
             dev.opts.num_queues(),
             |index, enabled| dev.set_vring_enabled(index, enabled),
+            |fd| dev.set_backend_channel(Some(UnixStream::from(fd))),
         );
         // The relay closed the backend's connection: its thread ends now.
         let served = daemon.wait();
@@ -198,38 +222,41 @@ fn serve_connection(backend: &Arc<NetBackend>, frontend: UnixStream) -> Result<(
     result
 }
 
-/// Answers each connection on the stats socket: a request line (`stats`,
-/// or empty) gets the counters as one JSON line; anything else gets an
-/// error object. A bad client never affects the devices.
-fn serve_stats(listener: UnixListener, devices: Arc<Devices>) {
-    for conn in listener.incoming() {
-        let Ok(mut conn) = conn else { continue };
-        let mut line = String::new();
-        let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(2)));
-        // One request line of at most 4 KiB.
-        let _ = BufReader::new(&conn).take(4096).read_line(&mut line);
-        let reply = match line.trim() {
-            "" | "stats" | "{\"cmd\":\"stats\"}" => devices.stats_json(),
-            other => {
-                serde_json::json!({"error": format!("unknown request `{other}`; send `stats`")})
-            }
-        };
-        let _ = writeln!(conn, "{reply}");
-    }
-}
-
 /// Runs the daemon until SIGINT/SIGTERM. SIGUSR1 logs the counters.
-pub fn run(opts: Vec<DeviceOptions>, stats_socket: Option<&Path>) -> Result<(), DaemonError> {
+pub fn run(
+    opts: Vec<DeviceOptions>,
+    control_socket: Option<&Path>,
+    faults: &[FaultSpec],
+    trace: Option<usize>,
+    capture: Option<&Path>,
+) -> Result<(), DaemonError> {
     let devices = Arc::new(Devices::build(opts)?);
+    if let Some(depth) = trace {
+        for b in &devices.backends {
+            b.device().tracer.enable(Some(depth));
+        }
+    }
+    for b in &devices.backends {
+        for f in faults {
+            b.device().set_fault(f.clone()).map_err(|e| {
+                DaemonError::Fault(format!("--fault for {}: {e}", b.device().opts.name))
+            })?;
+        }
+    }
+    if let Some(file) = capture {
+        let all: Vec<_> = devices.backends.iter().collect();
+        let req = crate::control::CaptureRequest {
+            file: Some(file),
+            queue: None,
+            dir: crate::control::Direction::Both,
+            snaplen: None,
+            limit: None,
+        };
+        crate::control::start_capture(&all, &req).map_err(DaemonError::Fault)?;
+    }
     let stop = Arc::new(AtomicBool::new(false));
-    if let Some(path) = stats_socket {
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path).map_err(|err| DaemonError::StatsSocket {
-            path: path.to_path_buf(),
-            err,
-        })?;
-        let d = devices.clone();
-        thread::spawn(move || serve_stats(listener, d));
+    if let Some(path) = control_socket {
+        crate::control::start(path, devices.clone())?;
     }
     // Every socket is bound before any is served, so a bad path fails the
     // start instead of leaving one device silently unserved.
@@ -283,9 +310,32 @@ pub fn run(opts: Vec<DeviceOptions>, stats_socket: Option<&Path>) -> Result<(), 
     }
     info!("final stats: {}", devices.stats_json());
     for b in &devices.backends {
+        if let Some(f) = b.device().capture.stop() {
+            info!(
+                "{}: capture {} closed, {} packets",
+                b.device().opts.name,
+                f.path.display(),
+                f.packets.load(Ordering::Relaxed)
+            );
+        }
+    }
+    for b in &devices.backends {
+        let d = b.device();
+        let entries = d.tracer.entries(None, &crate::trace::FlowFilter::default());
+        if !entries.is_empty() {
+            let mut text = String::new();
+            crate::trace::render(&entries, &mut text);
+            info!(
+                "{}: trace at exit, {} entries:\n{text}",
+                d.opts.name,
+                entries.len()
+            );
+        }
+    }
+    for b in &devices.backends {
         let _ = std::fs::remove_file(&b.device().opts.socket);
     }
-    if let Some(path) = stats_socket {
+    if let Some(path) = control_socket {
         let _ = std::fs::remove_file(path);
     }
     Ok(())

@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
+use std::time::Instant;
 
 use log::{debug, warn};
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
@@ -13,9 +14,12 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::admin::AdminDevice;
+use crate::capture::{Capture, PacketNote};
 use crate::config::DeviceOptions;
 use crate::ctrl::{self, ControlState, CtrlLimits, GUEST_OFFLOAD_BITS};
+use crate::fault::{ActiveFault, FaultKind, FaultSpec, Faults};
 use crate::hdr::{VirtioNetHdr, HDR_HASH_LEN, HDR_LEN};
+use crate::inspect;
 use crate::memory::RegionClassifier;
 use crate::offload::{self, PeerOffloads};
 use crate::packet::{self, ParsedPacket, ETH_HLEN};
@@ -24,7 +28,8 @@ use crate::request::{self, ChainBuf};
 use crate::rss;
 use crate::rx::{RxDrop, RxLayout, RxOutcome, RxPacket, RxWriter};
 use crate::spec::*;
-use crate::stats::{Counter, DeviceStats, DropReason, QueueStats};
+use crate::stats::{Counter, DeviceStats, DropReason, QueueStats, RSS_HASH_BUCKETS};
+use crate::trace::{FlowFilter, FlowKey, TraceEntry, Tracer};
 
 pub type GuestMemoryMmapB = GuestMemoryMmap<()>;
 pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmapB>;
@@ -47,6 +52,30 @@ pub struct PendingRx {
     pub frame: Vec<u8>,
     pub hdr: VirtioNetHdr,
     pub parsed: ParsedPacket,
+    pub steer: SteerInfo,
+    /// Per-packet faults were rolled already (a packet waiting for
+    /// buffers is not faulted twice).
+    pub faulted: bool,
+    /// When the frame reached the device (only while tracing).
+    pub arrived: Option<Instant>,
+}
+
+/// Why a received frame went to its queue, kept for traces and captures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct SteerInfo {
+    pub how: SteerHow,
+    /// The hash steering computed (0 when none was).
+    pub hash: u32,
+    /// The flow filter rule that matched, if any.
+    pub rule: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SteerHow {
+    Rss,
+    FlowRule,
+    Auto,
 }
 
 /// The receive side of one queue pair as seen from other threads.
@@ -83,6 +112,12 @@ pub struct NetDevice {
     default_rss_key: rss::ToeplitzKey,
     pub queue_stats: Vec<QueueStats>,
     pub stats: DeviceStats,
+    pub faults: Faults,
+    pub tracer: Tracer,
+    pub capture: Capture,
+    /// The frontend's backend request channel (VHOST_USER_SET_BACKEND_REQ_FD),
+    /// for config-change notices.
+    backend_channel: Mutex<Option<std::os::unix::net::UnixStream>>,
 }
 
 impl NetDevice {
@@ -111,6 +146,10 @@ impl NetDevice {
                 .map_err(std::io::Error::other)?,
             queue_stats: (0..pairs).map(|_| QueueStats::default()).collect(),
             stats: DeviceStats::default(),
+            faults: Faults::new(opts.queue_pairs),
+            tracer: Tracer::new(opts.num_queues()),
+            capture: Capture::default(),
+            backend_channel: Mutex::new(None),
             opts,
         })
     }
@@ -223,6 +262,92 @@ impl NetDevice {
         for b in &self.backlogs {
             b.pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
         }
+        self.faults.device_reset();
+    }
+
+    /// Receive chains of virtqueue `index` that the device holds (rx-hold).
+    pub fn held_chains(&self, index: usize) -> Vec<u16> {
+        match queue_role(index, self.opts.queue_pairs) {
+            Some(QueueRole::Rx(p)) => self.faults.held(p),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Sets a fault (see fault.rs) and applies its immediate effects.
+    pub fn set_fault(&self, spec: FaultSpec) -> Result<(), crate::fault::FaultError> {
+        let link = self.link_up();
+        self.faults.set(spec, self.opts.queue_pairs)?;
+        self.link_changed(link);
+        self.wake_all_rx();
+        Ok(())
+    }
+
+    /// Clears faults; held chains go back and delayed packets out on the
+    /// next receive run, which this starts.
+    pub fn clear_faults(&self, kind: Option<FaultKind>, queue: Option<u16>) -> usize {
+        let link = self.link_up();
+        let n = self.faults.clear(kind, queue);
+        self.link_changed(link);
+        self.wake_all_rx();
+        n
+    }
+
+    /// The link status in the config space moved from `before`: tell the
+    /// driver, as a NIC raises a config interrupt.
+    fn link_changed(&self, before: bool) {
+        if self.link_up() != before && !self.notify_config() {
+            debug!(
+                "{}: no backend channel: the driver sees the link change when it next reads the config space",
+                self.opts.name
+            );
+        }
+    }
+
+    /// The frontend's backend request channel, or None when it goes.
+    pub fn set_backend_channel(&self, channel: Option<std::os::unix::net::UnixStream>) {
+        *self
+            .backend_channel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = channel;
+    }
+
+    /// Sends VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (no reply asked): the
+    /// frontend raises a config interrupt. False without a channel or when
+    /// the send fails.
+    pub fn notify_config(&self) -> bool {
+        use std::io::Write;
+        const CONFIG_CHANGE_MSG: u32 = 2;
+        const VERSION_1: u32 = 1;
+        let mut msg = [0u8; 12];
+        msg[0..4].copy_from_slice(&CONFIG_CHANGE_MSG.to_ne_bytes());
+        msg[4..8].copy_from_slice(&VERSION_1.to_ne_bytes());
+        let ch = self
+            .backend_channel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let Some(sock) = ch.as_ref() else {
+            return false;
+        };
+        let _ = sock.set_write_timeout(Some(std::time::Duration::from_secs(1)));
+        match (&*sock).write_all(&msg) {
+            Ok(()) => {
+                self.stats.config_notifications.inc();
+                true
+            }
+            Err(e) => {
+                warn!(
+                    "{}: cannot send a config-change notice: {e}",
+                    self.opts.name
+                );
+                false
+            }
+        }
+    }
+
+    fn wake_all_rx(&self) {
+        for p in 0..self.opts.queue_pairs {
+            self.wake_rx(p);
+        }
     }
 
     pub fn set_memory(&self, mem: GuestMem) {
@@ -253,6 +378,8 @@ impl NetDevice {
 
     pub fn link_up(&self) -> bool {
         self.link_up.load(Ordering::Acquire)
+            && !self.faults.link_down()
+            && !self.faults.needs_reset()
     }
 
     pub fn set_link(&self, up: bool) {
@@ -340,13 +467,20 @@ impl NetDevice {
             ..hdr
         };
         let mut queue = None;
-        if let Some((action, _rule)) = self.admin().flow_filter().classify(&frame, &parsed) {
+        let mut steer = SteerInfo {
+            how: SteerHow::Auto,
+            hash: 0,
+            rule: None,
+        };
+        if let Some((action, rule)) = self.admin().flow_filter().classify(&frame, &parsed) {
+            steer.rule = Some(rule);
             match action {
                 crate::flow_filter::FfAction::Drop => {
                     q0.rx_drops.count(DropReason::FlowFilterDrop);
                     return Steered::Dropped(DropReason::FlowFilterDrop);
                 }
                 crate::flow_filter::FfAction::RxQueue(q) if q < self.opts.queue_pairs => {
+                    steer.how = SteerHow::FlowRule;
                     queue = Some(q)
                 }
                 crate::flow_filter::FfAction::RxQueue(_) => {}
@@ -355,6 +489,10 @@ impl NetDevice {
         let report = self.has_feature(VIRTIO_NET_F_HASH_REPORT);
         if let Some(rss) = &control.rss {
             let d = rss.select_queue_with(&control.hash_fields, &parsed);
+            steer.hash = d.hash_value;
+            if queue.is_none() {
+                steer.how = SteerHow::Rss;
+            }
             queue = queue.or(Some(d.queue));
             if report {
                 hdr_out.hash_value = d.hash_value;
@@ -378,6 +516,7 @@ impl NetDevice {
                     &parsed,
                 )
                 .map_or(0, |(h, _)| h);
+                steer.hash = hash;
                 queue = Some(self.automatic_queue(hash, &control));
             }
         }
@@ -391,13 +530,21 @@ impl NetDevice {
             return Steered::Dropped(DropReason::QueueDisabled);
         };
         let stats = &self.queue_stats[usize::from(q)];
+        let arrived = self.tracer.on().then(Instant::now);
         let mut pending = backlog.pending.lock().unwrap_or_else(|e| e.into_inner());
         let mut push = |frame: Vec<u8>, hdr: VirtioNetHdr, parsed: ParsedPacket| {
             if pending.len() >= RX_BACKLOG_PACKETS {
                 stats.rx_drops.count(DropReason::BacklogFull);
                 return;
             }
-            pending.push_back(PendingRx { frame, hdr, parsed });
+            pending.push_back(PendingRx {
+                frame,
+                hdr,
+                parsed,
+                steer,
+                faulted: false,
+                arrived,
+            });
         };
         match offload::resolve_tx(frame, &hdr_out, peer) {
             Ok(offload::TxOutput::Single { hdr: h, frame }) => {
@@ -462,13 +609,27 @@ impl NetDevice {
         let layout = self.rx_layout();
         let event_idx = self.event_idx.load(Ordering::Acquire);
         let mut used = false;
+        let tracing = self.tracer.on();
+        let capturing = self.capture.on();
+        let faults = if self.faults.armed() {
+            if self.faults.needs_reset() {
+                return false;
+            }
+            used |= self.hold_rx_chains(pair, queue, &mem);
+            if self.rx_held_back(pair, backlog) {
+                return used;
+            }
+            Some(RxFaults::new(&self.faults, pair, layout.split.is_some()))
+        } else {
+            None
+        };
         loop {
             // The driver's avail index before this round (see below).
             let posted = queue.avail_idx(&*mem, Ordering::Acquire).ok();
             let mut delivered = 0;
             let mut starved = false;
             while delivered < BUDGET {
-                let Some(pkt) = backlog
+                let Some(mut pkt) = backlog
                     .pending
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -476,30 +637,76 @@ impl NetDevice {
                 else {
                     break;
                 };
+                if let Some(f) = &faults {
+                    if f.apply(&self.faults, &mut pkt, writer) {
+                        stats.rx_drops.count(DropReason::Injected);
+                        if tracing {
+                            let mut e = self.rx_trace_entry(pair, &pkt, 0);
+                            e.outcome = "dropped: injected (rx-drop)".into();
+                            self.tracer.record(e);
+                        }
+                        continue;
+                    }
+                }
+                let before =
+                    tracing.then(|| (queue.next_avail(), queue.next_used(), Instant::now()));
                 let rx = RxPacket {
                     frame: &pkt.frame,
                     hdr: pkt.hdr,
                     parsed: &pkt.parsed,
                 };
-                match writer.write_packet(queue, &*mem, &regions, &layout, &rx) {
+                let outcome = writer.write_packet(queue, &*mem, &regions, &layout, &rx);
+                if let Some(f) = &faults {
+                    f.delivered(
+                        &self.faults,
+                        writer,
+                        matches!(outcome, RxOutcome::Delivered(_)),
+                    );
+                }
+                if let Some(before) = before {
+                    self.trace_rx(pair, queue, &mem, &regions, &pkt, &outcome, before);
+                }
+                match outcome {
                     RxOutcome::Delivered(r) => {
+                        if capturing {
+                            let note = PacketNote {
+                                steer: Some(pkt.steer),
+                                split: r.split.then_some(r.split_hdr_len),
+                            };
+                            self.capture.packet(pair, true, &pkt.frame, note);
+                        }
                         used = true;
                         delivered += 1;
-                        stats.rx_packets.inc();
-                        stats.rx_bytes.add(pkt.frame.len() as u64);
-                        stats.rx_buffers.add(u64::from(r.buffers));
-                        stats.rx_bytes_to_ram.add(r.ram_bytes);
-                        stats.rx_bytes_to_device_memory.add(r.device_bytes);
-                        stats.rx_payload_bytes_to_ram.add(r.payload_ram_bytes);
+                        // One writer per queue: its worker, under the vring
+                        // lock (see Counter::add_serialized).
+                        stats.rx_packets.add_serialized(1);
+                        stats.rx_bytes.add_serialized(pkt.frame.len() as u64);
+                        stats.rx_buffers.add_serialized(u64::from(r.buffers));
+                        stats.rx_bytes_to_ram.add_serialized(r.ram_bytes);
+                        stats
+                            .rx_bytes_to_device_memory
+                            .add_serialized(r.device_bytes);
+                        stats
+                            .rx_payload_bytes_to_ram
+                            .add_serialized(r.payload_ram_bytes);
                         stats
                             .rx_payload_bytes_to_device_memory
-                            .add(r.payload_device_bytes);
+                            .add_serialized(r.payload_device_bytes);
                         if layout.split.is_some() {
                             if r.split {
-                                stats.rx_split.inc();
+                                stats.rx_split.add_serialized(1);
                             } else {
-                                stats.rx_not_split.inc();
+                                stats.rx_not_split.add_serialized(1);
                             }
+                        }
+                        match pkt.steer.how {
+                            SteerHow::Rss => stats.rx_steered_rss.add_serialized(1),
+                            SteerHow::FlowRule => stats.rx_steered_flow_rule.add_serialized(1),
+                            SteerHow::Auto => stats.rx_steered_auto.add_serialized(1),
+                        }
+                        if pkt.steer.how != SteerHow::FlowRule {
+                            stats.rx_hash_buckets[pkt.steer.hash as usize % RSS_HASH_BUCKETS]
+                                .add_serialized(1);
                         }
                     }
                     RxOutcome::NoBuffers => {
@@ -549,7 +756,198 @@ impl NetDevice {
                 break;
             }
         }
+        if capturing {
+            self.capture.flush();
+        }
         used
+    }
+
+    /// A trace entry for a received packet, without chains yet.
+    fn rx_trace_entry(&self, pair: u16, pkt: &PendingRx, device_us: u64) -> TraceEntry {
+        TraceEntry {
+            seq: 0,
+            t_us: 0,
+            vq: rx_index(pair),
+            queue: format!("rx{pair}"),
+            chains: Vec::new(),
+            used: Vec::new(),
+            frame_len: pkt.frame.len(),
+            wait_us: pkt
+                .arrived
+                .map(|t| u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX)),
+            device_us,
+            split: None,
+            steer: Some(pkt.steer),
+            flow: Some(FlowKey::of(&pkt.parsed)),
+            outcome: "ok".into(),
+        }
+    }
+
+    /// Records what one write of `pkt` into the ring did: the chains it
+    /// took (read back from the avail ring) and the used entries it wrote.
+    #[allow(clippy::too_many_arguments)]
+    fn trace_rx(
+        &self,
+        pair: u16,
+        queue: &Queue,
+        mem: &GuestMemoryMmapB,
+        regions: &RegionClassifier,
+        pkt: &PendingRx,
+        outcome: &RxOutcome,
+        (avail_before, used_before, t0): (u16, u16, Instant),
+    ) {
+        let device_us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let mut e = self.rx_trace_entry(pair, pkt, device_us);
+        match outcome {
+            RxOutcome::NoBuffers => return,
+            RxOutcome::Delivered(r) => e.split = r.split.then_some(r.split_hdr_len),
+            RxOutcome::Dropped(RxDrop::TooBig { len, capacity }) => {
+                e.outcome = format!("dropped: too big ({len} bytes, {capacity} in the buffers)")
+            }
+            RxOutcome::Dropped(RxDrop::BadChain { error, .. }) => {
+                e.outcome = format!("error: {error}")
+            }
+            RxOutcome::Dropped(RxDrop::UsedRing(err)) => {
+                e.outcome = format!("error: used ring: {err}")
+            }
+        }
+        let size = queue.size();
+        let taken = std::num::Wrapping(queue.next_avail()) - std::num::Wrapping(avail_before);
+        for k in 0..taken.0.min(size) {
+            let pos = (std::num::Wrapping(avail_before) + std::num::Wrapping(k)).0;
+            if let Some(head) = inspect::avail_head(mem, queue.avail_ring(), size, pos) {
+                e.chains
+                    .push(inspect::walk(mem, queue.desc_table(), size, head, regions));
+            }
+        }
+        e.used =
+            inspect::used_entries(mem, queue.used_ring(), size, used_before, queue.next_used());
+        let failed = matches!(
+            outcome,
+            RxOutcome::Dropped(RxDrop::BadChain { .. } | RxDrop::UsedRing(_))
+        );
+        let why = e.outcome.clone();
+        self.tracer.record(e);
+        if failed {
+            self.dump_trace_on_error(rx_index(pair), &why);
+        }
+    }
+
+    /// A device error while tracing: the queue's recent history goes to
+    /// the log (at most once a second).
+    fn dump_trace_on_error(&self, vq: usize, why: &str) {
+        if !self.tracer.on() || !self.tracer.log_dump_due() {
+            return;
+        }
+        let entries = self.tracer.entries(Some(vq), &FlowFilter::default());
+        let start = entries.len().saturating_sub(32);
+        let mut text = String::new();
+        crate::trace::render(&entries[start..], &mut text);
+        warn!(
+            "{}: {} on vq {vq}; its last {} trace entries:\n{text}",
+            self.opts.name,
+            why,
+            entries.len() - start
+        );
+    }
+
+    /// rx-hold: takes chains from the ring up to the fault's count and
+    /// keeps them; once the fault is gone, returns them with length 0.
+    /// Returns true if the used ring changed.
+    fn hold_rx_chains(&self, pair: u16, queue: &mut Queue, mem: &GuestMemoryMmapB) -> bool {
+        let fault = self.faults.find(FaultKind::RxHold, pair);
+        let Some(mut held) = self.faults.held_mut(pair) else {
+            return false;
+        };
+        match fault {
+            Some(f) => {
+                let size = queue.size();
+                while held.len() < f.spec.count as usize && held.len() < usize::from(size) {
+                    let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                        break;
+                    };
+                    held.push(chain.head_index());
+                    self.faults.count(&f);
+                }
+                false
+            }
+            None if held.is_empty() => false,
+            None => {
+                for head in held.drain(..) {
+                    let _ = queue.add_used(mem, head, 0);
+                }
+                drop(held);
+                self.faults.rearm();
+                true
+            }
+        }
+    }
+
+    /// rx-delay and rx-batch: whether the backlog of `pair` waits now. A
+    /// timer wakes the queue when the wait is over.
+    fn rx_held_back(&self, pair: u16, backlog: &RxBacklog) -> bool {
+        let (fault, batch) = match (
+            self.faults.find(FaultKind::RxDelay, pair),
+            self.faults.find(FaultKind::RxBatch, pair),
+        ) {
+            (Some(f), _) => (f, usize::MAX),
+            (None, Some(f)) => {
+                let n = f.spec.count as usize;
+                (f, n)
+            }
+            (None, None) => return false,
+        };
+        let waiting = backlog
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len();
+        let Some(mut release) = self.faults.release_at(pair) else {
+            return false;
+        };
+        if waiting == 0 {
+            return false;
+        }
+        if waiting >= batch.min(RX_BACKLOG_PACKETS) {
+            *release = None;
+            return false;
+        }
+        let now = std::time::Instant::now();
+        match *release {
+            Some(t) if now < t => true,
+            Some(_) => {
+                *release = None;
+                false
+            }
+            None => {
+                if !self.faults.roll(&fault) {
+                    return false;
+                }
+                self.faults.count(&fault);
+                let wait = std::time::Duration::from_millis(fault.spec.ms);
+                *release = Some(now + wait);
+                match backlog.wake.try_clone() {
+                    Ok(wake) => {
+                        let spawned =
+                            std::thread::Builder::new()
+                                .name("rx-delay".into())
+                                .spawn(move || {
+                                    std::thread::sleep(wait);
+                                    let _ = wake.write(1);
+                                });
+                        if spawned.is_err() {
+                            *release = None;
+                            return false;
+                        }
+                    }
+                    Err(_) => {
+                        *release = None;
+                        return false;
+                    }
+                }
+                true
+            }
+        }
     }
 
     /// Transmits every chain on the TX queue of `pair` through the port.
@@ -569,6 +967,28 @@ impl NetDevice {
         let port = self.port.get().cloned();
         let mut used = false;
         let mut woken: u32 = 0;
+        let mut reorder = None;
+        if self.faults.armed() {
+            if self.faults.needs_reset() {
+                return false;
+            }
+            reorder = self
+                .faults
+                .find(FaultKind::TxReorder, pair)
+                .filter(|f| self.faults.fire(f))
+                .map(|f| f.spec.count.max(2) as usize);
+        }
+        let mut deferred: Vec<u16> = Vec::new();
+        let tracing = self.tracer.on();
+        let capturing = self.capture.on();
+        // The entry of the chain being handled, recorded when the next one
+        // starts (each early exit below notes its outcome first).
+        let mut entry: Option<Box<TraceEntry>> = None;
+        let note = |entry: &mut Option<Box<TraceEntry>>, what: &str| {
+            if let Some(e) = entry.as_mut() {
+                e.outcome = what.to_string();
+            }
+        };
         loop {
             let _ = queue.disable_notification(&*mem);
             let posted = queue.avail_idx(&*mem, Ordering::Acquire).ok();
@@ -579,9 +999,37 @@ impl NetDevice {
                 };
                 n += 1;
                 let head = chain.head_index();
+                if let Some(e) = entry.take() {
+                    self.tracer.record(*e);
+                }
+                if tracing {
+                    let t0 = Instant::now();
+                    let view =
+                        inspect::walk(&*mem, queue.desc_table(), queue.size(), head, &regions);
+                    entry = Some(Box::new(TraceEntry {
+                        seq: 0,
+                        t_us: 0,
+                        vq: tx_index(pair),
+                        queue: format!("tx{pair}"),
+                        chains: vec![view],
+                        used: vec![(u32::from(head), 0)],
+                        frame_len: 0,
+                        wait_us: None,
+                        device_us: u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX),
+                        split: None,
+                        steer: None,
+                        flow: None,
+                        outcome: "ok".into(),
+                    }));
+                }
                 let res = request::read_tx_chain(chain, &regions, queue.size(), buf);
                 // A chain that cannot be read is counted once, below.
-                if queue.add_used(&*mem, head, 0).is_err() && res.is_ok() {
+                if let Some(window) = reorder {
+                    deferred.push(head);
+                    if deferred.len() >= window {
+                        complete_reversed(queue, &mem, &mut deferred);
+                    }
+                } else if queue.add_used(&*mem, head, 0).is_err() && res.is_ok() {
                     stats.tx_drops.count(DropReason::BadChain);
                 }
                 used = true;
@@ -590,19 +1038,34 @@ impl NetDevice {
                     Err(e) => {
                         debug!("{}: tx{pair}: bad chain: {e}", self.opts.name);
                         stats.tx_drops.count(DropReason::BadChain);
+                        note(&mut entry, &format!("error: {e}"));
+                        if let Some(t) = entry.take() {
+                            self.tracer.record(*t);
+                        }
+                        self.dump_trace_on_error(tx_index(pair), &e.to_string());
                         continue;
                     }
                 };
                 let data = buf.data();
                 let Some(hdr) = VirtioNetHdr::from_bytes(data.get(..hdr_len).unwrap_or(&[])) else {
                     stats.tx_drops.count(DropReason::BadTxHeader);
+                    note(&mut entry, "dropped: bad_tx_header");
                     continue;
                 };
                 if hdr.gso_kind().is_none() || data.len() < hdr_len + ETH_HLEN {
                     stats.tx_drops.count(DropReason::BadTxHeader);
+                    note(&mut entry, "dropped: bad_tx_header");
                     continue;
                 }
                 let frame = data[hdr_len..].to_vec();
+                if let Some(e) = entry.as_mut() {
+                    e.frame_len = frame.len();
+                    e.flow = Some(FlowKey::of(&packet::parse(&frame)));
+                }
+                if capturing {
+                    self.capture
+                        .packet(pair, false, &frame, PacketNote::default());
+                }
                 stats.tx_packets.inc();
                 stats.tx_bytes.add(frame.len() as u64);
                 stats.tx_bytes_from_device_memory.add(device_bytes);
@@ -616,16 +1079,26 @@ impl NetDevice {
                     Some(p) if self.link_up() => {
                         if let Err(reason) = p.transmit(self, pair, frame, hdr, &mut woken) {
                             stats.tx_drops.count(reason);
+                            note(&mut entry, &format!("dropped: {reason:?}"));
                         }
                     }
-                    _ => stats.tx_drops.count(DropReason::PortDown),
+                    _ => {
+                        stats.tx_drops.count(DropReason::PortDown);
+                        note(&mut entry, "dropped: port_down");
+                    }
                 }
             }
-            // Entries pending but not handed out (an avail index more than a
-            // ring ahead) must not keep the loop going: only a moved index does.
+            if let Some(e) = entry.take() {
+                self.tracer.record(*e);
+            }
+            complete_reversed(queue, &mem, &mut deferred);
+            // Notifications back on (without EVENT_IDX that clears the used
+            // ring's NO_NOTIFY flag, which such a driver honours), then round
+            // again if the driver posted meanwhile. Entries pending but not
+            // handed out (an avail index more than a ring ahead) must not
+            // keep the loop going: only a moved index does.
             if n < BUDGET
-                && !(event_idx_enabled(queue)
-                    && matches!(queue.enable_notification(&*mem), Ok(true))
+                && !(matches!(queue.enable_notification(&*mem), Ok(true))
                     && queue.avail_idx(&*mem, Ordering::Acquire).ok() != posted)
             {
                 break;
@@ -641,6 +1114,9 @@ impl NetDevice {
         }
         if let Some(p) = &port {
             p.flush(woken);
+        }
+        if capturing {
+            self.capture.flush();
         }
         used
     }
@@ -695,6 +1171,9 @@ impl NetDevice {
         (commands, errors): (&Counter, &Counter),
         mut exec: impl FnMut(&[u8], usize) -> (Vec<u8>, bool),
     ) -> bool {
+        if self.faults.needs_reset() {
+            return false;
+        }
         let Some(mem) = self.memory() else {
             return false;
         };
@@ -731,6 +1210,71 @@ impl NetDevice {
     }
 }
 
+/// tx-reorder: completes the deferred chains, last first.
+fn complete_reversed<Q: QueueT>(queue: &mut Q, mem: &GuestMemoryMmapB, deferred: &mut Vec<u16>) {
+    for head in deferred.drain(..).rev() {
+        let _ = queue.add_used(mem, head, 0);
+    }
+}
+
+/// The per-packet receive faults of one queue run, looked up once.
+struct RxFaults {
+    drop: Option<Arc<ActiveFault>>,
+    short: Option<Arc<ActiveFault>>,
+    no_split: Option<Arc<ActiveFault>>,
+    bad_csum: Option<Arc<ActiveFault>>,
+}
+
+impl RxFaults {
+    fn new(faults: &Faults, pair: u16, split: bool) -> Self {
+        RxFaults {
+            drop: faults.find(FaultKind::RxDrop, pair),
+            short: faults.find(FaultKind::RxShort, pair),
+            no_split: faults.find(FaultKind::RxNoSplit, pair).filter(|_| split),
+            bad_csum: faults.find(FaultKind::RxBadCsum, pair),
+        }
+    }
+
+    /// Rolls the faults for `pkt`; true: drop it. Effects that only show
+    /// once the packet is written are set up in `writer` and counted by
+    /// [`RxFaults::delivered`].
+    fn apply(&self, faults: &Faults, pkt: &mut PendingRx, writer: &mut RxWriter) -> bool {
+        if !pkt.faulted {
+            pkt.faulted = true;
+            if self.drop.as_ref().is_some_and(|f| faults.fire(f)) {
+                return true;
+            }
+            if let Some(f) = &self.bad_csum {
+                if faults.roll(f)
+                    && crate::fault::corrupt_checksum(&mut pkt.frame, &pkt.parsed, &mut pkt.hdr)
+                {
+                    faults.count(f);
+                }
+            }
+        }
+        writer.fault_short_by = self
+            .short
+            .as_ref()
+            .filter(|f| faults.roll(f))
+            .map_or(0, |f| f.spec.bytes);
+        writer.fault_no_split = self.no_split.as_ref().is_some_and(|f| faults.roll(f));
+        false
+    }
+
+    fn delivered(&self, faults: &Faults, writer: &mut RxWriter, delivered: bool) {
+        if delivered {
+            if let (Some(f), true) = (&self.short, writer.fault_short_by > 0) {
+                faults.count(f);
+            }
+            if let (Some(f), true) = (&self.no_split, writer.fault_no_split) {
+                faults.count(f);
+            }
+        }
+        writer.fault_short_by = 0;
+        writer.fault_no_split = false;
+    }
+}
+
 /// Pops the next command chain. When the ring is empty, notifications are
 /// re-armed (with EVENT_IDX this moves avail_event, without which the driver
 /// would never kick again) and the ring checked once more, so a command
@@ -756,10 +1300,6 @@ fn with_hash(h: VirtioNetHdr, from: &VirtioNetHdr) -> VirtioNetHdr {
         hash_report: from.hash_report,
         ..h
     }
-}
-
-fn event_idx_enabled<Q: QueueT>(q: &Q) -> bool {
-    q.event_idx_enabled()
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -57,6 +57,7 @@ const VRING_STATE_LEN: usize = 8;
 const SET_FEATURES: u32 = FrontendReq::SET_FEATURES as u32;
 const SET_PROTOCOL_FEATURES: u32 = FrontendReq::SET_PROTOCOL_FEATURES as u32;
 const SET_VRING_ENABLE: u32 = FrontendReq::SET_VRING_ENABLE as u32;
+const SET_BACKEND_REQ_FD: u32 = FrontendReq::SET_BACKEND_REQ_FD as u32;
 /// Protocol version 1, the only one defined.
 const VERSION_1: u32 = 0x1;
 
@@ -348,7 +349,8 @@ fn vring_enable_message(index: u32, enable: bool) -> [u8; HDR_LEN + VRING_STATE_
 /// Copies frontend messages to the backend until either side closes,
 /// holding back early ring enables (see the module documentation).
 /// `ring_state(index, enabled)` is told each ring state the backend is
-/// given, before it is given.
+/// given, before it is given; `backend_req` gets a copy of the backend
+/// request channel the frontend hands over.
 fn frontend_to_backend(
     frontend: &UnixStream,
     to_frontend: &Mutex<UnixStream>,
@@ -356,6 +358,7 @@ fn frontend_to_backend(
     gate: &mut EnableGate,
     name: &str,
     ring_state: &mut dyn FnMut(u32, bool),
+    backend_req: &mut dyn FnMut(OwnedFd),
 ) -> Result<(), RelayError> {
     let mut msg = Message::new();
     while msg.read(frontend, Side::Frontend)? {
@@ -379,6 +382,13 @@ fn frontend_to_backend(
                 // Malformed ones go through: the backend refuses them itself.
                 if let Ok((index, enable)) = parse_vring_enable(&msg, gate.num_queues) {
                     ring_state(index, enable);
+                }
+            }
+            SET_BACKEND_REQ_FD => {
+                // The vhost crate keeps the channel but sends nothing on it;
+                // the device uses this copy for config-change notices.
+                if let Some(fd) = msg.fds.first().and_then(|f| f.try_clone().ok()) {
+                    backend_req(fd);
                 }
             }
             SET_PROTOCOL_FEATURES => {
@@ -446,13 +456,15 @@ fn shutdown_both(a: &UnixStream, b: &UnixStream) {
 /// (so the backend sees the frontend leave, and the other way round).
 /// `num_queues` bounds the vring indices the relay records;
 /// `ring_state(index, enabled)` learns each ring state handed to the
-/// backend. A clean close by either side is `Ok`.
+/// backend, `backend_req` the backend request channel (a copy). A clean
+/// close by either side is `Ok`.
 pub fn run(
     name: &str,
     frontend: UnixStream,
     backend: UnixStream,
     num_queues: usize,
     mut ring_state: impl FnMut(u32, bool),
+    mut backend_req: impl FnMut(OwnedFd),
 ) -> Result<(), RelayError> {
     let to_frontend = Arc::new(Mutex::new(
         frontend.try_clone().map_err(io_err(Side::Frontend))?,
@@ -486,6 +498,7 @@ pub fn run(
         &mut gate,
         name,
         &mut ring_state,
+        &mut backend_req,
     );
     shutdown_both(&frontend, &backend);
     let replies = replies.join().unwrap_or_else(|_| {
@@ -542,9 +555,18 @@ mod tests {
         let states = Arc::new(Mutex::new(Vec::new()));
         let s = states.clone();
         let relay = thread::spawn(move || {
-            run("t", fe_relay, be_relay, 4, move |i, e| {
-                s.lock().unwrap().push((i, e))
-            })
+            run(
+                "t",
+                fe_relay,
+                be_relay,
+                4,
+                move |i, e| s.lock().unwrap().push((i, e)),
+                |fd| {
+                    // A copy of the backend request channel: say hello on it.
+                    let s = UnixStream::from(fd);
+                    let _ = (&s).write_all(b"hi");
+                },
+            )
         });
         for s in [&fe, &be] {
             s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
@@ -635,6 +657,35 @@ mod tests {
             // SAFETY: received just now, owned here.
             drop(unsafe { OwnedFd::from_raw_fd(*fd) });
         }
+        drop(r.fe);
+        assert!(r.relay.join().unwrap().is_ok());
+    }
+
+    #[test]
+    fn backend_request_channel_is_copied() {
+        let r = rig();
+        let (a, b) = UnixStream::pair().unwrap();
+        let m = msg(FrontendReq::SET_BACKEND_REQ_FD as u32, 1, &[]);
+        r.fe.send_with_fds(&[&m[..]], &[a.as_raw_fd()]).unwrap();
+        drop(a);
+        // The backend still gets the message and its descriptor.
+        let mut buf = [0u8; HDR_LEN];
+        let mut fds = [-1; 4];
+        let mut iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        // SAFETY: the iovec covers `buf`.
+        let (n, nfds) = unsafe { r.be.recv_with_fds(&mut iov, &mut fds) }.unwrap();
+        assert_eq!((n, nfds), (HDR_LEN, 1));
+        // SAFETY: received just now, owned here.
+        drop(unsafe { OwnedFd::from_raw_fd(fds[0]) });
+        // And the relay's copy reached the callback.
+        b.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut hi = [0u8; 2];
+        (&b).read_exact(&mut hi).unwrap();
+        assert_eq!(&hi, b"hi");
         drop(r.fe);
         assert!(r.relay.join().unwrap().is_ok());
     }

@@ -10,20 +10,28 @@
 //! segmentation in software; `port` holds the wire and TAP ends;
 //! `daemon` and `cli` run it all, with `frontend_relay` between QEMU and
 //! the vhost-user machinery (it holds back the ring enables stock QEMU
-//! sends before the features are set).
+//! sends before the features are set). For driver authors: `control`
+//! serves the control socket and `ctl` is its client; `inspect` reads
+//! virtqueues for it; `fault` makes the device misbehave on purpose;
+//! `trace` is the descriptor flight recorder and `capture` writes pcapng.
 
 pub mod admin;
 pub mod backend;
+pub mod capture;
 pub mod chain;
 pub mod cli;
 pub mod config;
+pub mod control;
+pub mod ctl;
 pub mod ctrl;
 pub mod daemon;
 pub mod device;
+pub mod fault;
 pub mod flow_filter;
 pub mod frontend_relay;
 pub mod hash_fields;
 pub mod hdr;
+pub mod inspect;
 pub mod memory;
 pub mod offload;
 pub mod packet;
@@ -34,3 +42,4 @@ pub mod rss_ctx;
 pub mod rx;
 pub mod spec;
 pub mod stats;
+pub mod trace;

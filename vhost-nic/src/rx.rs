@@ -169,6 +169,10 @@ struct Piece {
 /// queue (or per worker thread).
 #[derive(Debug, Default)]
 pub struct RxWriter {
+    /// Injected faults for the next packet (see fault.rs): cut the last
+    /// used length by this many bytes; deliver it unsplit.
+    pub fault_short_by: u32,
+    pub fault_no_split: bool,
     segs: Vec<Segment>,
     chains: Vec<TakenChain>,
     pieces: Vec<Piece>,
@@ -202,7 +206,11 @@ impl RxWriter {
 
         let vnet = layout.vnet_hdr_len.min(HDR_HASH_LEN);
         let need = vnet.saturating_add(pkt.frame.len());
-        let split_hdr = split_headers_len(layout, pkt, vnet);
+        let split_hdr = if self.fault_no_split {
+            None
+        } else {
+            split_headers_len(layout, pkt, vnet)
+        };
         let saved_avail = queue.next_avail();
         let limits = ChainLimits::new(queue.size());
         let max_chains = if layout.mrg_rxbuf {
@@ -287,6 +295,9 @@ impl RxWriter {
             if c.head < size {
                 self.used.push((c.head, len));
             }
+        }
+        if let Some(last) = self.used.last_mut() {
+            last.1 = last.1.saturating_sub(self.fault_short_by);
         }
         if let Err(e) = publish_used(queue, mem, &self.used) {
             self.stats.used_ring_errors += 1;

@@ -90,3 +90,14 @@ pub const fn rx_index(pair: u16) -> usize {
 pub const fn tx_index(pair: u16) -> usize {
     2 * pair as usize + 1
 }
+
+/// The name of virtqueue `index` in diagnostics: rx0, tx0, ..., ctrl, admin.
+pub fn queue_name(index: usize, max_pairs: u16) -> String {
+    match queue_role(index, max_pairs) {
+        Some(QueueRole::Rx(p)) => format!("rx{p}"),
+        Some(QueueRole::Tx(p)) => format!("tx{p}"),
+        Some(QueueRole::Ctrl) => "ctrl".into(),
+        Some(QueueRole::Admin) => "admin".into(),
+        None => format!("vq{index}"),
+    }
+}

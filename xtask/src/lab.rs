@@ -311,6 +311,24 @@ impl Lab {
         }
     }
 
+    /// One request line on the daemon's control socket and its reply
+    /// (docs/driver-toolkit.md).
+    pub fn control(&self, request: &[u8]) -> Result<serde_json::Value> {
+        let s = UnixStream::connect(self.sock("stats.sock")).map_err(|e| LabError::Other {
+            step: "control".into(),
+            why: format!("cannot connect to the control socket: {e}"),
+        })?;
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        let _ = (&s).write_all(request);
+        let _ = (&s).write_all(b"\n");
+        let mut line = String::new();
+        let _ = BufReader::new(&s).read_line(&mut line);
+        serde_json::from_str(&line).map_err(|e| LabError::Other {
+            step: "control".into(),
+            why: format!("bad control reply `{line}`: {e}"),
+        })
+    }
+
     /// The daemon's counters (the stats socket's JSON).
     pub fn stats(&self) -> Result<serde_json::Value> {
         let mut s = UnixStream::connect(self.sock("stats.sock")).map_err(|e| LabError::Other {

@@ -62,6 +62,9 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         rounds: u32,
     },
+    /// The driver toolkit's guest cases alone (faults under traffic, a bad
+    /// control request while the guest runs); `test` runs them too.
+    Toolkit(LabArgs),
     /// Run upstream kselftests (paths under tools/testing/selftests) in the guest, HW mode.
     Selftests {
         #[command(flatten)]
@@ -321,9 +324,162 @@ fn guest_suite(args: &LabArgs) -> Result<Tally> {
         report::all_queues_used(&stats),
         || report::stats_table(&stats),
     );
+    tally.add(driver_toolkit(&p.lab)?);
     let mut lab = p.lab;
     tally.add(daemon_killed_mid_transfer(&mut lab)?);
     Ok(tally)
+}
+
+/// Received packets the rx-drop fault dropped on one device, all queues.
+fn injected_drops(stats: &serde_json::Value, dev: &str) -> u64 {
+    stats["devices"]
+        .as_array()
+        .and_then(|ds| ds.iter().find(|d| d["name"] == dev))
+        .and_then(|d| d["queues"].as_array())
+        .map_or(0, |qs| {
+            qs.iter()
+                .map(|q| q["rx_drops"]["injected"].as_u64().unwrap_or(0))
+                .sum()
+        })
+}
+
+/// The driver toolkit with a real driver: the receiving NIC drops 1% of
+/// its packets (rx-drop, set on the control socket while the guest runs)
+/// during a checksummed TCP transfer, which must arrive intact through
+/// retransmits; malformed control requests sent meanwhile get errors and
+/// the daemon keeps serving the guest and the socket. Then the link-down
+/// fault: the guest's driver must see the carrier go and come back (a
+/// config-change interrupt each way).
+fn driver_toolkit(lab: &Lab) -> Result<Tally> {
+    banner("e2e", "driver toolkit: faults with the guest's driver");
+    // `ask NAME`: the host acts on results/NAME and answers NAME-done.
+    let script = format!(
+        "{}retrans() {{ awk '/^Tcp:/ {{ n++; if (n == 2) print $13 }}' /proc/net/snmp; }}\n\
+         ask() {{ touch /mnt/results/$1; for i in $(seq 300); do [ -e /mnt/results/$1-done ] && return; sleep 0.2; done; echo \"no answer to $1\"; }}\n\
+         carrier() {{ for i in $(seq 100); do [ \"$(ip netns exec remote cat /sys/class/net/eth-remote/carrier)\" = $1 ] && break; sleep 0.1; done; ip netns exec remote cat /sys/class/net/eth-remote/carrier; }}\n\
+         before=$(retrans)\n\
+         ask rx-drop\n\
+         LAB_TEST_PREFIX=toolkit_rx_drop_ LAB_TRANSFER_BYTES=33554432 python3 suite.py tcp_transfer_checksum\n\
+         echo \"retrans $before $(retrans)\"\n\
+         ask rx-drop-off\n\
+         ask link-down\n\
+         echo \"carrier-down $(carrier 0)\"\n\
+         ask link-up\n\
+         echo \"carrier-up $(carrier 1)\"\n\
+         ping -c 1 -W 10 \"$REMOTE_V4\" >/dev/null && echo ping-after-link-up ok\n",
+        guest_prologue()
+    );
+    let results = lab.run_dir.join("results");
+    let steps = ["rx-drop", "rx-drop-off", "link-down", "link-up"];
+    for f in steps {
+        let _ = std::fs::remove_file(results.join(f));
+        let _ = std::fs::remove_file(results.join(format!("{f}-done")));
+    }
+    let before = lab.stats()?;
+    let before_drops = injected_drops(&before, "nic1");
+    let guest_done = Arc::new(AtomicBool::new(false));
+    let run = std::thread::scope(|s| {
+        let done = guest_done.clone();
+        let results = &results;
+        let host = s.spawn(move || {
+            let mut ok = Vec::new();
+            let mut replies = Vec::new();
+            for step in steps {
+                let asked = step::wait_until(Duration::from_secs(900), || {
+                    results.join(step).exists() || done.load(Ordering::Acquire)
+                }) && results.join(step).exists();
+                if !asked {
+                    break;
+                }
+                let req: &[u8] = match step {
+                    "rx-drop" => br#"{"cmd":"fault","set":"rx-drop:ratio=0.01","device":"nic1"}"#,
+                    "rx-drop-off" => br#"{"cmd":"fault","clear":"rx-drop"}"#,
+                    "link-down" => br#"{"cmd":"fault","set":"link-down","device":"nic1"}"#,
+                    _ => br#"{"cmd":"fault","clear":"link-down"}"#,
+                };
+                ok.push(lab.control(req).is_ok_and(|v| v.get("ok").is_some()));
+                let _ = std::fs::write(results.join(format!("{step}-done")), b"");
+                if step == "rx-drop" {
+                    // Malformed requests while the guest's traffic runs.
+                    let oversized = vec![b'x'; 100 * 1024];
+                    let bad: [&[u8]; 4] = [
+                        b"garbage",
+                        br#"{"cmd":"reboot"}"#,
+                        br#"{"cmd":"ring","queue":999}"#,
+                        &oversized,
+                    ];
+                    replies = bad
+                        .iter()
+                        .map(|r| match lab.control(r) {
+                            Ok(v) => v.get("error").map_or_else(
+                                || format!("no error: {v}"),
+                                |e| format!("error: {}", e.as_str().unwrap_or_default()),
+                            ),
+                            Err(e) => format!("no reply: {e}"),
+                        })
+                        .collect();
+                }
+            }
+            (ok, replies)
+        });
+        let run = lab.run_guest(&script, Duration::from_secs(1800), false);
+        guest_done.store(true, Ordering::Release);
+        let host = host.join().unwrap_or_default();
+        (run, host)
+    });
+    let (run, (set_ok, replies)) = run;
+    // Whatever happened, the faults go.
+    let cleared = lab.control(br#"{"cmd":"fault","clear":"all"}"#);
+    let run = run?;
+    let mut t = report::parse_ktap(&run.output);
+    let stats = lab.stats()?;
+    let drops = injected_drops(&stats, "nic1").saturating_sub(before_drops);
+    let value = |key: &str| {
+        run.output
+            .lines()
+            .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
+    };
+    let retrans: Option<(u64, u64)> = value("retrans ").and_then(|v| {
+        let mut w = v.split_whitespace();
+        Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
+    });
+    let set = |i: usize| set_ok.get(i).copied().unwrap_or(false);
+    t.check(
+        "toolkit_rx_drop_fault_fired_and_tcp_retransmitted",
+        set(0) && set(1) && drops > 0 && retrans.is_some_and(|(a, b)| b > a),
+        || {
+            format!(
+                "fault set/cleared: {set_ok:?}, injected drops on nic1: {drops}, guest TCP retransmits (before, after): {retrans:?}; console: {}",
+                run.console.display()
+            )
+        },
+    );
+    t.check(
+        "toolkit_malformed_requests_get_errors_daemon_serves",
+        replies.len() == 4
+            && replies.iter().all(|r| r.starts_with("error: "))
+            && matches!(&cleared, Ok(v) if v.get("ok").is_some())
+            && lab
+                .control(br#"{"cmd":"queues"}"#)
+                .is_ok_and(|v| v.get("ok").is_some()),
+        || format!("replies: {replies:?}, clear: {cleared:?}"),
+    );
+    let (down, up) = (value("carrier-down "), value("carrier-up "));
+    t.check(
+        "toolkit_link_down_fault_reaches_the_driver",
+        set(2)
+            && set(3)
+            && down.as_deref() == Some("0")
+            && up.as_deref() == Some("1")
+            && value("ping-after-link-up").is_some(),
+        || {
+            format!(
+                "fault set/cleared: {set_ok:?}, guest carrier while down: {down:?}, after: {up:?}; console: {}",
+                run.console.display()
+            )
+        },
+    );
+    Ok(t)
 }
 
 /// The daemon dies while the guest sends: the guest's transfer must end
@@ -741,6 +897,7 @@ fn main() -> ExitCode {
         })
         .map(|()| None),
         Cmd::Selftests { lab, paths } => selftests(lab, paths).map(Some),
+        Cmd::Toolkit(a) => prepare(a).and_then(|p| driver_toolkit(&p.lab)).map(Some),
         Cmd::Bench {
             lab,
             devmem: true,

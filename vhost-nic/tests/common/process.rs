@@ -40,6 +40,11 @@ impl Daemon {
     /// Two devices, `a` and `b`, with `queues` pairs each, joined by a wire,
     /// plus the stats socket. Returns once all three sockets accept.
     pub fn start_pair(queues: u16) -> Daemon {
+        Self::start_pair_with(queues, &[])
+    }
+
+    /// Like [`Daemon::start_pair`], with more daemon arguments.
+    pub fn start_pair_with(queues: u16, extra: &[&str]) -> Daemon {
         let dir = private_dir();
         let log = dir.join("daemon.log");
         let log_file = std::fs::File::create(&log).expect("create daemon log");
@@ -56,6 +61,7 @@ impl Daemon {
             .arg(device("b"))
             .arg("--stats-socket")
             .arg(dir.join("stats.sock"))
+            .args(extra)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info,vhost_nic=debug".into()),
@@ -115,6 +121,37 @@ impl Daemon {
             .read_line(&mut line)
             .expect("read stats reply");
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("stats reply `{line}`: {e}"))
+    }
+
+    /// One control socket request line and its reply.
+    pub fn control(&self, request: &str) -> Value {
+        let mut s = UnixStream::connect(self.socket("stats")).expect("connect control socket");
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        writeln!(s, "{request}").expect("send request");
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).expect("read reply");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply `{line}`: {e}"))
+    }
+
+    /// Polls the reply to `request` until the number at `pointer` is `want`.
+    pub fn wait_counter_json(&self, request: &str, pointer: &str, want: u64) {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let v = self.control(request);
+            if v.pointer(pointer).and_then(Value::as_u64) == Some(want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{pointer} in {v}, expected {want}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The daemon is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
     }
 
     /// One counter, by JSON pointer (e.g. `/devices/1/queues/0/rx_packets`).
