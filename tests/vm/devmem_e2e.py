@@ -782,7 +782,8 @@ def bench_round(mode, streams, nbytes):
             if nic:
                 nic.steer(port, q, src_port=port)
                 provider = "fake-gpu" if mode == "devmem-gpu" else None
-                procs.append(Ncdevmem(port, q, config=False, provider=provider).proc)
+                procs.append(Ncdevmem(port, q, config=False, provider=provider,
+                                      validate=os.environ.get("LAB_BENCH_VALIDATE", "1") == "1").proc)
             else:
                 out = sh(["ethtool", "-N", NETIF, "flow-type", "tcp4", "src-ip", REMOTE_V4,
                           "src-port", str(port), "dst-ip", LOCAL_V4, "dst-port", str(port),
@@ -836,8 +837,9 @@ def bench(nbytes, rounds, *stream_counts):
     modes = os.environ.get("LAB_BENCH_MODES", "devmem plain").split()
     sh(["ethtool", "-L", NETIF, "combined", str(max_channels())])
     log(f"{os.cpu_count()} guest CPUs; sender: devmem_e2e.py send-pattern in namespace remote; "
-        f"devmem: ncdevmem -v 7 (stdio buffered) into a udmabuf; devmem-gpu: the same into "
-        f"fake-GPU VRAM; plain: nettool.py recv (SHA-256)")
+        f"devmem: ncdevmem into a udmabuf; devmem-gpu: the same into fake-GPU VRAM; ncdevmem "
+        f"{'-v 7 (every byte read back and checked)' if os.environ.get('LAB_BENCH_VALIDATE', '1') == '1' else 'without -v (byte counts only)'}; "
+        f"plain: nettool.py recv (SHA-256)")
     for streams in (int(s) for s in stream_counts):
         if streams >= channels():
             log(f"{streams} streams: needs {streams} devmem queues and one more for RSS; "

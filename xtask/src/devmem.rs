@@ -87,7 +87,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// `cargo xtask bench --devmem`: devmem RX (ncdevmem -v 7 into a udmabuf)
 /// against plain TCP receive into host memory (nettool.py, SHA-256), both
 /// from the remote namespace over the same NIC, alternating in one guest.
-pub fn bench(args: &LabArgs, bytes: u64, rounds: u32) -> Result<()> {
+pub fn bench(args: &LabArgs, bytes: u64, rounds: u32, validate: bool) -> Result<()> {
     let installed = build::selftests(args.kernel_tree.as_deref())?;
     let p = prepare_with(args, kselftest_share(&installed))?;
     banner(
@@ -100,10 +100,11 @@ pub fn bench(args: &LabArgs, bytes: u64, rounds: u32) -> Result<()> {
         &["devmem", "plain"]
     };
     let script = format!(
-        "{}{}LAB_BENCH_MODES='{}' python3 devmem_e2e.py bench {bytes} {rounds} 1 3\n",
+        "{}{}LAB_BENCH_MODES='{}' LAB_BENCH_VALIDATE={} python3 devmem_e2e.py bench {bytes} {rounds} 1 3\n",
         guest_prologue(),
         mount_kselftest(),
-        modes.join(" ")
+        modes.join(" "),
+        u8::from(validate)
     );
     let run = p.lab.run_guest(&script, Duration::from_secs(7200), false)?;
     let samples: Vec<Sample> = run.output.lines().filter_map(parse_sample).collect();

@@ -61,6 +61,10 @@ enum Cmd {
         /// Transfers per path (the median is reported).
         #[arg(long, default_value_t = 3)]
         rounds: u32,
+        /// Devmem receivers skip ncdevmem's byte check (-v 7), which reads
+        /// every frag back: a udmabuf by CPU, VRAM through the copy engine.
+        #[arg(long)]
+        no_validate: bool,
     },
     /// The driver toolkit's guest cases alone (faults under traffic, a bad
     /// control request while the guest runs); `test` runs them too.
@@ -903,7 +907,8 @@ fn main() -> ExitCode {
             devmem: true,
             bytes,
             rounds,
-        } => devmem::bench(lab, *bytes, *rounds).map(|()| None),
+            no_validate,
+        } => devmem::bench(lab, *bytes, *rounds, !no_validate).map(|()| None),
         Cmd::Bench {
             lab, bytes, rounds, ..
         } => bench::run(lab, *bytes, *rounds).map(|()| None),
