@@ -436,6 +436,49 @@ def devmem_recv_all(sock, buf, binding_id):
     return f"{total} {h.hexdigest()}", in_dmabuf, linear
 
 
+def devmem_count(conn, binding_id):
+    """Receives a devmem stream without reading it; returns the bytes that
+    arrived in the dma-buf (linear data is an error)."""
+    in_dmabuf = 0
+    while True:
+        data, anc, _, _ = conn.recvmsg(1 << 16, socket.CMSG_SPACE(24) * 256, MSG_SOCK_DEVMEM)
+        if not data and not anc:
+            return in_dmabuf
+        tokens = []
+        for _, ctype, cdata in anc:
+            off, size, token, dmabuf_id, _ = struct.unpack("QIIII", cdata[:24])
+            if ctype != SCM_DEVMEM_DMABUF or dmabuf_id != binding_id:
+                raise Fail(f"a frag not in the bound dma-buf (cmsg {ctype}, dma-buf {dmabuf_id})")
+            in_dmabuf += size
+            tokens.append(struct.pack("II", token, 1))
+        if anc:
+            conn.setsockopt(socket.SOL_SOCKET, SO_DEVMEM_DONTNEED, b"".join(tokens))
+        elif data:
+            raise Fail(f"{len(data)} bytes arrived readable, not in the dma-buf")
+
+
+def count_rx(provider, queue, port):
+    """A devmem receiver that only counts (bench --no-validate): binds a
+    64 MiB dma-buf (udmabuf, or fake-GPU VRAM) to queue, accepts one
+    connection on port and prints total_received=N, as ncdevmem does."""
+    size = 64 << 20
+    if provider == "fake-gpu":
+        import fake_gpu_e2e
+        buf = fake_gpu_e2e.Gpu().alloc(size)
+    else:
+        buf = Udmabuf(size)
+    bind = Binding(buf, [int(queue)])
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((LOCAL_V4, int(port)))
+    srv.listen(1)
+    conn, _ = srv.accept()
+    total = devmem_count(conn, bind.id)
+    conn.close()
+    bind.close()
+    print(f"total_received={total}", flush=True)
+
+
 # ---- cases -------------------------------------------------------------------------
 
 def devmem_queue():
@@ -781,9 +824,15 @@ def bench_round(mode, streams, nbytes):
         for port, q in zip(ports, queues):
             if nic:
                 nic.steer(port, q, src_port=port)
-                provider = "fake-gpu" if mode == "devmem-gpu" else None
-                procs.append(Ncdevmem(port, q, config=False, provider=provider,
-                                      validate=os.environ.get("LAB_BENCH_VALIDATE", "1") == "1").proc)
+                provider = "fake-gpu" if mode == "devmem-gpu" else "udmabuf"
+                if os.environ.get("LAB_BENCH_VALIDATE", "1") == "1":
+                    procs.append(Ncdevmem(port, q, config=False, provider=provider).proc)
+                else:
+                    procs.append(subprocess.Popen(
+                        ["python3", os.path.abspath(__file__), "count-rx", provider, str(q), str(port)],
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                        start_new_session=True))
+                    wait_for(f"counting receiver on {port}", lambda p=port: port_listening(p))
             else:
                 out = sh(["ethtool", "-N", NETIF, "flow-type", "tcp4", "src-ip", REMOTE_V4,
                           "src-port", str(port), "dst-ip", LOCAL_V4, "dst-port", str(port),
@@ -837,8 +886,8 @@ def bench(nbytes, rounds, *stream_counts):
     modes = os.environ.get("LAB_BENCH_MODES", "devmem plain").split()
     sh(["ethtool", "-L", NETIF, "combined", str(max_channels())])
     log(f"{os.cpu_count()} guest CPUs; sender: devmem_e2e.py send-pattern in namespace remote; "
-        f"devmem: ncdevmem into a udmabuf; devmem-gpu: the same into fake-GPU VRAM; ncdevmem "
-        f"{'-v 7 (every byte read back and checked)' if os.environ.get('LAB_BENCH_VALIDATE', '1') == '1' else 'without -v (byte counts only)'}; "
+        f"devmem: into a udmabuf, devmem-gpu: into fake-GPU VRAM, "
+        f"{'ncdevmem -v 7 (every frag read back and checked)' if os.environ.get('LAB_BENCH_VALIDATE', '1') == '1' else 'a receiver that returns the frags unread (devmem_e2e.py count-rx)'}; "
         f"plain: nettool.py recv (SHA-256)")
     for streams in (int(s) for s in stream_counts):
         if streams >= channels():
@@ -902,5 +951,7 @@ if __name__ == "__main__":
         send_pattern(*sys.argv[2:])
     elif sys.argv[1:2] == ["bench"]:
         bench(*sys.argv[2:])
+    elif sys.argv[1:2] == ["count-rx"]:
+        count_rx(*sys.argv[2:])
     else:
         sys.exit(main(sys.argv[1:]))

@@ -315,7 +315,7 @@ def test_free_while_bound_deferred():
             if held != size:
                 raise Fail(f"fd closed while bound: {held} bytes held, want {size}")
             nic.steer(port, q)
-            got = receive(port, nbytes, lambda conn: count_devmem(conn, bind.id))
+            got = receive(port, nbytes, lambda conn: dm.devmem_count(conn, bind.id))
             if got != nbytes:
                 raise Fail(f"{got} of {nbytes} bytes arrived in the dma-buf after its fd was closed")
             log(f"fd closed, binding kept: {held} bytes still allocated, "
@@ -326,27 +326,6 @@ def test_free_while_bound_deferred():
     finally:
         nic.restore()
         gpu.close()
-
-
-def count_devmem(conn, binding_id):
-    """Receives a devmem stream without reading it; returns the bytes that
-    arrived in the dma-buf (linear data is an error)."""
-    in_dmabuf = 0
-    while True:
-        data, anc, _, _ = conn.recvmsg(1 << 16, socket.CMSG_SPACE(24) * 256, dm.MSG_SOCK_DEVMEM)
-        if not data and not anc:
-            return in_dmabuf
-        tokens = []
-        for _, ctype, cdata in anc:
-            off, size, token, dmabuf_id, _ = struct.unpack("QIIII", cdata[:24])
-            if ctype != dm.SCM_DEVMEM_DMABUF or dmabuf_id != binding_id:
-                raise Fail(f"a frag not in the bound dma-buf (cmsg {ctype}, dma-buf {dmabuf_id})")
-            in_dmabuf += size
-            tokens.append(struct.pack("II", token, 1))
-        if anc:
-            conn.setsockopt(socket.SOL_SOCKET, dm.SO_DEVMEM_DONTNEED, b"".join(tokens))
-        elif data:
-            raise Fail(f"{len(data)} bytes arrived readable, not in the dma-buf")
 
 
 def receive(port, nbytes, receiver):

@@ -61,8 +61,9 @@ enum Cmd {
         /// Transfers per path (the median is reported).
         #[arg(long, default_value_t = 3)]
         rounds: u32,
-        /// Devmem receivers skip ncdevmem's byte check (-v 7), which reads
-        /// every frag back: a udmabuf by CPU, VRAM through the copy engine.
+        /// Devmem receivers return the frags unread instead of running
+        /// ncdevmem -v 7, which reads every frag back (a udmabuf by the CPU,
+        /// VRAM through the copy engine).
         #[arg(long)]
         no_validate: bool,
     },
