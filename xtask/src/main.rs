@@ -10,6 +10,7 @@ mod lab;
 mod paths;
 mod report;
 mod step;
+mod toolkit;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
