@@ -2,6 +2,8 @@
 //! the daemon's control socket at points the guest script asks for, and
 //! what the trace and capture show of the guest's traffic.
 
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -134,6 +136,80 @@ pub fn devmem_trace(dump: &serde_json::Value) -> DevmemTrace {
     t
 }
 
+/// Reads a pcapng file with tshark: per packet its number, interface,
+/// direction (frame.p2p_dir: 0 sent, 1 received) and comment, tab-separated.
+pub fn tshark_fields(file: &Path) -> std::result::Result<String, String> {
+    let out = Command::new("tshark")
+        .arg("-r")
+        .arg(file)
+        .args(["-T", "fields"])
+        .args(["-e", "frame.number", "-e", "frame.interface_name"])
+        .args(["-e", "frame.p2p_dir", "-e", "frame.comment"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run tshark: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "tshark -r {} exited {}: {}",
+            file.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// What tshark read of a capture.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct CaptureRead {
+    pub packets: usize,
+    /// Received packets whose comment has queue=rxN, hash=0x... and steer=.
+    pub rx_annotated: usize,
+    /// Sent packets whose comment has queue=txN.
+    pub tx_annotated: usize,
+    /// Lines that are not so, as read.
+    pub bad: Vec<String>,
+}
+
+/// Checks tshark_fields' lines: every packet annotated as the capture
+/// format says (received: queue, hash, steer, rule, split; sent: queue).
+pub fn capture_read(fields: &str) -> CaptureRead {
+    let mut c = CaptureRead::default();
+    for line in fields.lines().filter(|l| !l.trim().is_empty()) {
+        c.packets += 1;
+        let f: Vec<&str> = line.split('\t').collect();
+        let (dir, comment) = (
+            f.get(2).copied().unwrap_or(""),
+            f.get(3).copied().unwrap_or(""),
+        );
+        let keys: Vec<(&str, &str)> = comment
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .collect();
+        let has = |k: &str, prefix: &str| {
+            keys.iter()
+                .any(|(key, v)| *key == k && v.starts_with(prefix) && v.len() > prefix.len())
+        };
+        let ok = match dir {
+            "1" => {
+                has("queue", "rx")
+                    && has("hash", "0x")
+                    && has("steer", "")
+                    && has("rule", "")
+                    && has("split", "")
+            }
+            "0" => has("queue", "tx"),
+            _ => false,
+        };
+        match (ok, dir) {
+            (true, "1") => c.rx_annotated += 1,
+            (true, _) => c.tx_annotated += 1,
+            (false, _) => c.bad.push(line.to_string()),
+        }
+    }
+    c
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,5 +241,17 @@ mod tests {
         assert_eq!((t.good, t.bad.len(), t.not_split), (2, 4, 1));
         assert_eq!(t.queues, ["rx3"]);
         assert_eq!(devmem_trace(&json!({"error": "x"})), DevmemTrace::default());
+    }
+
+    #[test]
+    fn capture_comments_as_tshark_prints_them() {
+        let fields = "1\tnic0\t0\tqueue=tx0\n\
+            2\tnic1\t1\tqueue=rx0 hash=0x033cbe4a steer=auto rule=- split=-\n\
+            3\tnic1\t1\tqueue=rx0 steer=auto rule=- split=-\n\
+            4\tnic0\t0\t\n\n";
+        let c = capture_read(fields);
+        assert_eq!((c.packets, c.rx_annotated, c.tx_annotated), (4, 1, 1));
+        assert_eq!(c.bad.len(), 2);
+        assert!(c.bad[0].starts_with("3\t"));
     }
 }
