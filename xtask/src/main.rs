@@ -63,8 +63,9 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         rounds: u32,
     },
-    /// The driver toolkit's guest cases alone (faults under traffic, a bad
-    /// control request while the guest runs); `test` runs them too.
+    /// The driver toolkit's guest cases alone (a capture read by tshark,
+    /// every fault under a plain TCP and a devmem RX flow, bad control
+    /// requests while the guest runs); `test` runs them too.
     Toolkit(LabArgs),
     /// Run upstream kselftests (paths under tools/testing/selftests) in the guest, HW mode.
     Selftests {
@@ -295,7 +296,10 @@ fn test(args: &LabArgs, only: &[TestPart]) -> Result<Tally> {
 /// mid-transfer.
 fn guest_suite(args: &LabArgs) -> Result<Tally> {
     let mut tally = Tally::default();
-    let p = prepare(args)?;
+    // The kselftests (ncdevmem) for the toolkit's fault cases.
+    build::host_packages()?;
+    let installed = build::selftests(args.kernel_tree.as_deref())?;
+    let p = prepare_with(args, kselftest_share(&installed))?;
     banner("e2e", "end-to-end suite in the guest");
     let script = format!(
         "{prologue}if [ ! -f /mnt/results/phase ]; then\n  echo 1 > /mnt/results/phase\n  \
@@ -326,9 +330,20 @@ fn guest_suite(args: &LabArgs) -> Result<Tally> {
         || report::stats_table(&stats),
     );
     tally.add(driver_toolkit(&p.lab)?);
+    tally.add(toolkit::fault_matrix(&p.lab)?);
     let mut lab = p.lab;
     tally.add(daemon_killed_mid_transfer(&mut lab)?);
     Ok(tally)
+}
+
+/// `cargo xtask toolkit`: the driver toolkit's guest cases alone.
+fn toolkit_cases(args: &LabArgs) -> Result<Tally> {
+    build::host_packages()?;
+    let installed = build::selftests(args.kernel_tree.as_deref())?;
+    let p = prepare_with(args, kselftest_share(&installed))?;
+    let mut t = driver_toolkit(&p.lab)?;
+    t.add(toolkit::fault_matrix(&p.lab)?);
+    Ok(t)
 }
 
 /// Received packets the rx-drop fault dropped on one device, all queues.
@@ -947,7 +962,7 @@ fn main() -> ExitCode {
         })
         .map(|()| None),
         Cmd::Selftests { lab, paths } => selftests(lab, paths).map(Some),
-        Cmd::Toolkit(a) => prepare(a).and_then(|p| driver_toolkit(&p.lab)).map(Some),
+        Cmd::Toolkit(a) => toolkit_cases(a).map(Some),
         Cmd::Bench {
             lab,
             devmem: true,
