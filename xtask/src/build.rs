@@ -23,6 +23,7 @@ pub const HOST_PACKAGES: &[&str] = &[
     "python3-jsonschema",
     "kmod",
     "bc",
+    "tshark",
 ];
 
 fn missing_packages(pkgs: &[&str]) -> Vec<String> {

@@ -10,7 +10,9 @@ use std::time::Duration;
 use crate::lab::{GpuShape, Lab};
 use crate::report::{self, Tally};
 use crate::step::{banner, LabError, Result};
-use crate::{build, guest_prologue, kselftest_share, mount_kselftest, prepare_with, LabArgs};
+use crate::{
+    build, guest_prologue, kselftest_share, mount_kselftest, prepare_with, toolkit, LabArgs,
+};
 
 /// The pattern `ncdevmem -v 7` checks: byte i of the stream is PATTERN[i % 7].
 const PATTERN: [u8; 7] = [1, 2, 3, 4, 5, 6, 10];
@@ -46,20 +48,41 @@ pub fn e2e(args: &LabArgs) -> Result<Tally> {
         &with_gpu(args, GpuShape::Switch),
         kselftest_share(&installed),
     )?;
+    // The flight recorder runs on the guest's NIC from the start; the guest
+    // asks for the dump once fake_gpu_e2e.py's devmem RX into VRAM is over.
+    let traced = p.lab.control(
+        format!(r#"{{"cmd":"trace","action":"on","depth":{TRACE_DEPTH},"device":"nic0"}}"#)
+            .as_bytes(),
+    );
+    toolkit::clear_asks(&p.lab);
     let script = format!(
-        "{}{}python3 fake_gpu_e2e.py\n\
+        "{}{}{}python3 fake_gpu_e2e.py\n\
+         ask trace-devmem-rx\n\
          (cd {}/drivers/net/hw && NCDEVMEM_PROVIDER=fake-gpu ./devmem.py)\n",
         guest_prologue(),
         mount_kselftest(),
+        toolkit::GUEST_ASK,
         crate::GUEST_KSELFTEST_DIR
     );
-    let run = p.lab.run_guest(&script, Duration::from_secs(3600), false)?;
+    let (run, dumps) = toolkit::answering(
+        &p.lab,
+        None,
+        |dumps, name| {
+            if name == "trace-devmem-rx" {
+                *dumps = Some(trace_devmem_flow(&p.lab));
+            }
+            String::new()
+        },
+        || p.lab.run_guest(&script, Duration::from_secs(3600), false),
+    );
+    let run = run?;
     print!("{}", run.output);
     tally.add(expect_results(
         &run.output,
         SWITCH_CASES + DEVMEM_PY_CASES,
         &run.console,
     ));
+    check_devmem_trace(&mut tally, &traced, dumps);
     let stats = inspect_json(&p.lab, "stats")?;
     let errors = stats["errors"].as_u64().unwrap_or(0);
     tally.check("fake_gpu_host_counts_engine_errors", errors >= 4, || {
@@ -91,6 +114,74 @@ pub fn e2e(args: &LabArgs) -> Result<Tally> {
         &run.console,
     ));
     Ok(tally)
+}
+
+/// Entries the flight recorder keeps per virtqueue in the e2e run: the
+/// last of the devmem flow's packets on its queue.
+const TRACE_DEPTH: u32 = 1024;
+
+/// The TCP port fake_gpu_e2e.py's devmem_rx_into_vram case receives on.
+const DEVMEM_RX_PORT: u16 = 7952;
+
+/// The trace of the devmem RX flow on nic0, JSON and the last two entries
+/// as text; the recorder is turned off after.
+fn trace_devmem_flow(lab: &Lab) -> (Result<serde_json::Value>, String) {
+    let req = |format: &str, last: &str| {
+        format!(
+            r#"{{"cmd":"trace","action":"dump","device":"nic0","flow":"proto=tcp,dport={DEVMEM_RX_PORT}","format":"{format}"{last}}}"#
+        )
+    };
+    let json = lab.control(req("json", "").as_bytes());
+    let text = lab
+        .control(req("text", r#","last":2"#).as_bytes())
+        .map(|v| {
+            v["ok"]
+                .as_str()
+                .map_or_else(|| v.to_string(), str::to_string)
+        })
+        .unwrap_or_else(|e| e.to_string());
+    let _ = lab.control(br#"{"cmd":"trace","action":"off"}"#);
+    (json, text)
+}
+
+/// toolkit_trace_devmem_payload_in_vram: the trace of the devmem flow
+/// shows every header-split packet's header buffer in RAM and its payload
+/// buffers in device memory (the VRAM region of the memory table).
+fn check_devmem_trace(
+    tally: &mut Tally,
+    traced: &Result<serde_json::Value>,
+    dumps: Option<(Result<serde_json::Value>, String)>,
+) {
+    const NAME: &str = "toolkit_trace_devmem_payload_in_vram";
+    let on = matches!(traced, Ok(v) if v.get("ok").is_some());
+    let Some((Ok(dump), text)) = dumps else {
+        tally.check(NAME, false, || {
+            format!("no trace dump: trace on {traced:?}; the guest never asked, or the dump failed")
+        });
+        return;
+    };
+    let t = toolkit::devmem_trace(&dump);
+    println!(
+        "# {NAME}: flow dport {DEVMEM_RX_PORT} on {:?}: {} split entries header RAM / payload device memory, {} laid out otherwise, {} not split; the last two:",
+        t.queues,
+        t.good,
+        t.bad.len(),
+        t.not_split
+    );
+    for l in text.lines() {
+        println!("#   {l}");
+    }
+    tally.check(
+        NAME,
+        on && t.queues.len() == 1 && t.good > 0 && t.bad.is_empty(),
+        || {
+            format!(
+                "trace on: {traced:?}; queues {:?}; otherwise laid out: {:?}",
+                t.queues,
+                t.bad.iter().take(5).collect::<Vec<_>>()
+            )
+        },
+    );
 }
 
 fn expect_results(output: &str, expected: usize, console: &Path) -> Tally {

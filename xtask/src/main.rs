@@ -10,6 +10,7 @@ mod lab;
 mod paths;
 mod report;
 mod step;
+mod toolkit;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -67,8 +68,9 @@ enum Cmd {
         #[arg(long)]
         no_validate: bool,
     },
-    /// The driver toolkit's guest cases alone (faults under traffic, a bad
-    /// control request while the guest runs); `test` runs them too.
+    /// The driver toolkit's guest cases alone (a capture read by tshark,
+    /// every fault under a plain TCP and a devmem RX flow, bad control
+    /// requests while the guest runs); `test` runs them too.
     Toolkit(LabArgs),
     /// Run upstream kselftests (paths under tools/testing/selftests) in the guest, HW mode.
     Selftests {
@@ -299,7 +301,10 @@ fn test(args: &LabArgs, only: &[TestPart]) -> Result<Tally> {
 /// mid-transfer.
 fn guest_suite(args: &LabArgs) -> Result<Tally> {
     let mut tally = Tally::default();
-    let p = prepare(args)?;
+    // The kselftests (ncdevmem) for the toolkit's fault cases.
+    build::host_packages()?;
+    let installed = build::selftests(args.kernel_tree.as_deref())?;
+    let p = prepare_with(args, kselftest_share(&installed))?;
     banner("e2e", "end-to-end suite in the guest");
     let script = format!(
         "{prologue}if [ ! -f /mnt/results/phase ]; then\n  echo 1 > /mnt/results/phase\n  \
@@ -330,9 +335,20 @@ fn guest_suite(args: &LabArgs) -> Result<Tally> {
         || report::stats_table(&stats),
     );
     tally.add(driver_toolkit(&p.lab)?);
+    tally.add(toolkit::fault_matrix(&p.lab)?);
     let mut lab = p.lab;
     tally.add(daemon_killed_mid_transfer(&mut lab)?);
     Ok(tally)
+}
+
+/// `cargo xtask toolkit`: the driver toolkit's guest cases alone.
+fn toolkit_cases(args: &LabArgs) -> Result<Tally> {
+    build::host_packages()?;
+    let installed = build::selftests(args.kernel_tree.as_deref())?;
+    let p = prepare_with(args, kselftest_share(&installed))?;
+    let mut t = driver_toolkit(&p.lab)?;
+    t.add(toolkit::fault_matrix(&p.lab)?);
+    Ok(t)
 }
 
 /// Received packets the rx-drop fault dropped on one device, all queues.
@@ -362,6 +378,9 @@ fn driver_toolkit(lab: &Lab) -> Result<Tally> {
         "{}retrans() {{ awk '/^Tcp:/ {{ n++; if (n == 2) print $13 }}' /proc/net/snmp; }}\n\
          ask() {{ touch /mnt/results/$1; for i in $(seq 300); do [ -e /mnt/results/$1-done ] && return; sleep 0.2; done; echo \"no answer to $1\"; }}\n\
          carrier() {{ for i in $(seq 100); do [ \"$(ip netns exec remote cat /sys/class/net/eth-remote/carrier)\" = $1 ] && break; sleep 0.1; done; ip netns exec remote cat /sys/class/net/eth-remote/carrier; }}\n\
+         ask capture-start\n\
+         LAB_TEST_PREFIX=toolkit_capture_ LAB_TRANSFER_BYTES=1048576 python3 suite.py tcp_transfer_checksum\n\
+         ask capture-stop\n\
          before=$(retrans)\n\
          ask rx-drop\n\
          LAB_TEST_PREFIX=toolkit_rx_drop_ LAB_TRANSFER_BYTES=33554432 python3 suite.py tcp_transfer_checksum\n\
@@ -375,7 +394,20 @@ fn driver_toolkit(lab: &Lab) -> Result<Tally> {
         guest_prologue()
     );
     let results = lab.run_dir.join("results");
-    let steps = ["rx-drop", "rx-drop-off", "link-down", "link-up"];
+    let steps = [
+        "capture-start",
+        "capture-stop",
+        "rx-drop",
+        "rx-drop-off",
+        "link-down",
+        "link-up",
+    ];
+    let capture = results.join("toolkit.pcapng");
+    let _ = std::fs::remove_file(&capture);
+    let capture_start = serde_json::json!({
+        "cmd": "capture", "action": "start", "file": capture, "snaplen": 128, "limit": 10000,
+    })
+    .to_string();
     for f in steps {
         let _ = std::fs::remove_file(results.join(f));
         let _ = std::fs::remove_file(results.join(format!("{f}-done")));
@@ -397,6 +429,8 @@ fn driver_toolkit(lab: &Lab) -> Result<Tally> {
                     break;
                 }
                 let req: &[u8] = match step {
+                    "capture-start" => capture_start.as_bytes(),
+                    "capture-stop" => br#"{"cmd":"capture","action":"stop"}"#,
                     "rx-drop" => br#"{"cmd":"fault","set":"rx-drop:ratio=0.01","device":"nic1"}"#,
                     "rx-drop-off" => br#"{"cmd":"fault","clear":"rx-drop"}"#,
                     "link-down" => br#"{"cmd":"fault","set":"link-down","device":"nic1"}"#,
@@ -449,9 +483,40 @@ fn driver_toolkit(lab: &Lab) -> Result<Tally> {
         Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
     });
     let set = |i: usize| set_ok.get(i).copied().unwrap_or(false);
+    let read = toolkit::tshark_fields(&capture).map(|f| (toolkit::capture_read(&f), f));
+    if let Ok((c, fields)) = &read {
+        println!(
+            "# toolkit_capture_reads_in_tshark: tshark -r {} -T fields -e frame.number -e frame.interface_name -e frame.p2p_dir -e frame.comment: {} packets, {} received and {} sent annotated; e.g.",
+            capture.display(),
+            c.packets,
+            c.rx_annotated,
+            c.tx_annotated
+        );
+        let rx = fields.lines().find(|l| l.split('\t').nth(2) == Some("1"));
+        let tx = fields.lines().find(|l| l.split('\t').nth(2) == Some("0"));
+        for l in rx.into_iter().chain(tx) {
+            println!("#   {l}");
+        }
+    }
+    t.check(
+        "toolkit_capture_reads_in_tshark",
+        set(0)
+            && set(1)
+            && matches!(&read, Ok((c, _)) if c.rx_annotated > 0 && c.tx_annotated > 0 && c.bad.is_empty()),
+        || match &read {
+            Ok((c, _)) => format!(
+                "capture start/stop: {set_ok:?}; {} packets, {} received and {} sent annotated; not annotated: {:?}",
+                c.packets,
+                c.rx_annotated,
+                c.tx_annotated,
+                c.bad.iter().take(5).collect::<Vec<_>>()
+            ),
+            Err(e) => format!("capture start/stop: {set_ok:?}; {e}"),
+        },
+    );
     t.check(
         "toolkit_rx_drop_fault_fired_and_tcp_retransmitted",
-        set(0) && set(1) && drops > 0 && retrans.is_some_and(|(a, b)| b > a),
+        set(2) && set(3) && drops > 0 && retrans.is_some_and(|(a, b)| b > a),
         || {
             format!(
                 "fault set/cleared: {set_ok:?}, injected drops on nic1: {drops}, guest TCP retransmits (before, after): {retrans:?}; console: {}",
@@ -472,8 +537,8 @@ fn driver_toolkit(lab: &Lab) -> Result<Tally> {
     let (down, up) = (value("carrier-down "), value("carrier-up "));
     t.check(
         "toolkit_link_down_fault_reaches_the_driver",
-        set(2)
-            && set(3)
+        set(4)
+            && set(5)
             && down.as_deref() == Some("0")
             && up.as_deref() == Some("1")
             && value("ping-after-link-up").is_some(),
@@ -902,7 +967,7 @@ fn main() -> ExitCode {
         })
         .map(|()| None),
         Cmd::Selftests { lab, paths } => selftests(lab, paths).map(Some),
-        Cmd::Toolkit(a) => prepare(a).and_then(|p| driver_toolkit(&p.lab)).map(Some),
+        Cmd::Toolkit(a) => toolkit_cases(a).map(Some),
         Cmd::Bench {
             lab,
             devmem: true,
