@@ -640,7 +640,7 @@ pub fn fault_kinds() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{DeviceOptions, MacAddr, PortSpec};
+    use crate::config::{DeviceOptions, MacAddr};
 
     fn devices() -> Devices {
         let opt = |name: &str, last: u8| DeviceOptions {
@@ -648,14 +648,7 @@ mod tests {
             socket: format!("/nonexistent/{name}.sock").into(),
             mac: MacAddr([0x52, 0x54, 0, 0, 0, last]),
             queue_pairs: 2,
-            queue_size: 256,
-            mtu: 1500,
-            port: PortSpec::Wire("w".into()),
-            pairs_per_thread: 1,
-            admin_vq: true,
-            split_header: true,
-            rss_contexts: true,
-            hash_fields: true,
+            ..crate::config::tests::options()
         };
         Devices::build(vec![opt("nic0", 1), opt("nic1", 2)]).unwrap()
     }

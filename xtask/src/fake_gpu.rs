@@ -3,7 +3,6 @@
 //! demo's devmem TX and RX through VRAM, proven from the host with
 //! `fake-gpu inspect` and vhost-nic's counters.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -77,7 +76,7 @@ pub fn e2e(args: &LabArgs) -> Result<Tally> {
     );
     let run = run?;
     print!("{}", run.output);
-    tally.add(expect_results(
+    tally.add(report::guest_results(
         &run.output,
         SWITCH_CASES + DEVMEM_PY_CASES,
         &run.console,
@@ -108,7 +107,7 @@ pub fn e2e(args: &LabArgs) -> Result<Tally> {
     );
     let run = p.lab.run_guest(&script, Duration::from_secs(1800), false)?;
     print!("{}", run.output);
-    tally.add(expect_results(
+    tally.add(report::guest_results(
         &run.output,
         ROOT_COMPLEX_CASES,
         &run.console,
@@ -182,19 +181,6 @@ fn check_devmem_trace(
             )
         },
     );
-}
-
-fn expect_results(output: &str, expected: usize, console: &Path) -> Tally {
-    let mut t = report::parse_ktap(output);
-    if t.total() < expected {
-        eprintln!(
-            "not ok: the guest reported {} of {expected} results; console: {}",
-            t.total(),
-            console.display()
-        );
-        t.failed += expected - t.total();
-    }
-    t
 }
 
 /// `fake-gpu inspect --socket RUN_DIR/gpu.sock OP...`, its stdout.

@@ -107,6 +107,21 @@ pub fn cargo_tests() -> Result<Tally> {
     Ok(t)
 }
 
+/// The guest's KTAP results, with every result it did not report (it
+/// crashed, hung or skipped a case) counted as failed.
+pub fn guest_results(output: &str, expected: usize, console: &std::path::Path) -> Tally {
+    let mut t = parse_ktap(output);
+    if t.total() < expected {
+        eprintln!(
+            "not ok: the guest reported {} of {expected} results; console: {}",
+            t.total(),
+            console.display()
+        );
+        t.failed += expected - t.total();
+    }
+    t
+}
+
 /// The per-queue-pair counters of one device (nic0, nic1).
 pub fn queue_stats(stats: &serde_json::Value, dev: &str) -> Vec<serde_json::Value> {
     queues(stats, dev)
