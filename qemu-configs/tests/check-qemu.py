@@ -14,6 +14,8 @@ the device, resets one queue and enables it again.  The checks:
   - num_queues / admin_queue_index / admin_queue_num in the common config,
   - a queue reset sends GET_VRING_BASE to the backend and re-enabling the
     queue sends SET_VRING_NUM/BASE/ADDR/KICK/CALL for that queue only,
+  - the backend signalling a vring's error eventfd sets DEVICE_NEEDS_RESET
+    in the device status, and a device reset clears it,
   - machines/q35-lab.cfg loads, SeaBIOS (from Debian's packages) runs and
     enumerates two NICs behind the PCIe switch.
 
@@ -64,6 +66,8 @@ class Backend:
         self.path = path
         self.log = []
         self.lock = threading.Lock()
+        # Error eventfds from SET_VRING_ERR, by vring index.
+        self.err_fds = {}
         self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.srv.bind(path)
         self.srv.listen(4)
@@ -97,14 +101,18 @@ class Backend:
                     return
                 if len(hdr) < 12:
                     hdr += self._recv_exact(conn, 12 - len(hdr))
+                fds = []
                 for level, typ, data in anc:
                     if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
                         n = len(data) // 4
-                        for fd in struct.unpack("%di" % n, data[:4 * n]):
-                            os.close(fd)
+                        fds += struct.unpack("%di" % n, data[:4 * n])
                 req, flags, size = struct.unpack("<III", hdr)
                 payload = self._recv_exact(conn, size) if size else b""
                 self._handle(conn, req, payload)
+                if req == 14 and len(fds) == 1:
+                    self._keep_err_fd(payload, fds.pop())
+                for fd in fds:
+                    os.close(fd)
         except (EOFError, ConnectionResetError, OSError):
             return
 
@@ -135,6 +143,24 @@ class Backend:
             self._reply(conn, req, struct.pack("<III", offset, size, flags) +
                         bytes(size))
 
+    def _keep_err_fd(self, payload, fd):
+        index = struct.unpack_from("<Q", payload)[0] & 0xff
+        with self.lock:
+            old = self.err_fds.pop(index, None)
+            self.err_fds[index] = fd
+        if old is not None:
+            os.close(old)
+
+    def signal_error(self, index):
+        """Signal vring `index`'s error eventfd, as a backend that hit an
+        error on that ring does.  False when QEMU gave it none."""
+        with self.lock:
+            fd = self.err_fds.get(index)
+        if fd is None:
+            return False
+        os.write(fd, struct.pack("<Q", 1))
+        return True
+
     def take_log(self):
         with self.lock:
             log, self.log = self.log, []
@@ -142,6 +168,10 @@ class Backend:
 
     def close(self):
         self.srv.close()
+        with self.lock:
+            fds, self.err_fds = list(self.err_fds.values()), {}
+        for fd in fds:
+            os.close(fd)
 
 
 class QTest:
@@ -312,6 +342,24 @@ def qtest_checks(qemu, tmp):
               names[:5] == ["SET_VRING_NUM", "SET_VRING_BASE",
                             "SET_VRING_ADDR", "SET_VRING_KICK",
                             "SET_VRING_CALL"], "got %s" % restart)
+
+        # A vring error from the backend puts the device in NEEDS_RESET.
+        needs_reset = 0x40
+        signalled = be.signal_error(0)
+        status = qt.rd("b", common + 20)
+        deadline = time.monotonic() + 10
+        while (signalled and not status & needs_reset and
+               time.monotonic() < deadline):
+            time.sleep(0.05)
+            status = qt.rd("b", common + 20)
+        check("a vring error sets DEVICE_NEEDS_RESET",
+              signalled and status & needs_reset,
+              "error fd %s, status 0x%x" % (
+                  "signalled" if signalled else "never set", status))
+        qt.wr("b", common + 20, 0)                      # reset
+        status = qt.rd("b", common + 20)
+        check("a device reset clears DEVICE_NEEDS_RESET", status == 0,
+              "status 0x%x" % status)
     finally:
         qt.close()
         be.close()
