@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use log::{debug, info, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringT};
 use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
@@ -22,7 +22,7 @@ use crate::request::ChainBuf;
 use crate::rx::RxWriter;
 use crate::spec::{queue_name, queue_role, rx_index, tx_index, QueueRole};
 
-pub type NetVring = VringRwLock<GuestMem>;
+pub use crate::vring::NetVring;
 
 /// Per worker thread scratch space, reused across packets.
 struct WorkerScratch {
@@ -282,6 +282,36 @@ impl NetBackend {
         }
     }
 
+    /// needs-reset: signals a vring's error eventfd, once, so that the
+    /// frontend sets DEVICE_NEEDS_RESET. Any ring will do: the status is
+    /// the device's.
+    fn report_needs_reset(&self) {
+        if !self.dev.faults.take_needs_reset_report() {
+            return;
+        }
+        let vrings = self
+            .vrings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let name = &self.dev.opts.name;
+        for vring in vrings.iter().flatten() {
+            match vring.signal_error() {
+                Ok(true) => {
+                    self.dev.stats.vring_errors_signalled.inc();
+                    info!("{name}: needs-reset: vring error signalled to the frontend");
+                    return;
+                }
+                Ok(false) => {}
+                Err(e) => warn!("{name}: cannot signal a vring error: {e}"),
+            }
+        }
+        info!(
+            "{name}: needs-reset: the frontend gave no vring error eventfd, \
+             so the driver sees only the stopped queues and the link down"
+        );
+    }
+
     fn run_rx(&self, thread: usize, vrings: &[NetVring], pair: u16, scratch: &mut WorkerScratch) {
         // Pull from a host port first so its frames reach this ring now.
         let mut port_pending = false;
@@ -468,6 +498,9 @@ impl VhostUserBackend for NetBackend {
             .is_some_and(|k| k.load(Ordering::Relaxed))
         {
             self.remember_vrings(thread_id, vrings);
+        }
+        if self.dev.faults.needs_reset() {
+            self.report_needs_reset();
         }
         if usize::from(device_event) < vrings.len() {
             if let Some(&global) = self

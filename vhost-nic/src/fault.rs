@@ -257,6 +257,8 @@ pub struct Faults {
     /// rx-delay / rx-batch: when the packets held back go out, per pair.
     release_at: Vec<Mutex<Option<Instant>>>,
     needs_reset: AtomicBool,
+    /// The current needs-reset was reported to the frontend.
+    needs_reset_reported: AtomicBool,
 }
 
 impl Faults {
@@ -269,6 +271,7 @@ impl Faults {
             held: (0..pairs).map(|_| Mutex::new(Vec::new())).collect(),
             release_at: (0..pairs).map(|_| Mutex::new(None)).collect(),
             needs_reset: AtomicBool::new(false),
+            needs_reset_reported: AtomicBool::new(false),
         }
     }
 
@@ -291,6 +294,7 @@ impl Faults {
             }
         }
         if spec.kind == FaultKind::NeedsReset {
+            self.needs_reset_reported.store(false, Ordering::Release);
             self.needs_reset.store(true, Ordering::Release);
         }
         let mut a = self.active.write().unwrap_or_else(|e| e.into_inner());
@@ -358,6 +362,12 @@ impl Faults {
 
     pub fn needs_reset(&self) -> bool {
         self.armed() && self.needs_reset.load(Ordering::Acquire)
+    }
+
+    /// True once per needs-reset: the caller then reports it to the
+    /// frontend (a vring error).
+    pub fn take_needs_reset_report(&self) -> bool {
+        self.needs_reset() && !self.needs_reset_reported.swap(true, Ordering::AcqRel)
     }
 
     pub fn link_down(&self) -> bool {

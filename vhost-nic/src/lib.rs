@@ -13,7 +13,9 @@
 //! sends before the features are set). For driver authors: `control`
 //! serves the control socket and `ctl` is its client; `inspect` reads
 //! virtqueues for it; `fault` makes the device misbehave on purpose;
-//! `trace` is the descriptor flight recorder and `capture` writes pcapng.
+//! `trace` is the descriptor flight recorder and `capture` writes pcapng;
+//! `vring` keeps each ring's error eventfd, through which the device asks
+//! for a reset.
 
 pub mod admin;
 pub mod backend;
@@ -43,3 +45,4 @@ pub mod rx;
 pub mod spec;
 pub mod stats;
 pub mod trace;
+pub mod vring;

@@ -187,6 +187,9 @@ pub struct DeviceStats {
     pub memory_updates: Counter,
     /// Config-change notices sent to the frontend (link status changes).
     pub config_notifications: Counter,
+    /// Vring errors signalled to the frontend (needs-reset), which a
+    /// patched QEMU turns into DEVICE_NEEDS_RESET.
+    pub vring_errors_signalled: Counter,
 }
 
 impl DeviceStats {

@@ -294,3 +294,47 @@ fn capture_through_the_cli() {
     assert!(text.contains("nic1"));
     assert_eq!(text.matches("queue=rx0 hash=0x").count(), 2);
 }
+
+#[test]
+fn needs_reset_signals_a_vring_error() {
+    use vhost::VhostBackend;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    let d = Daemon::start_pair(1);
+    let mut b = Nic::connect(&d.socket("b"), 1);
+    let err = EventFd::new(EFD_NONBLOCK).unwrap();
+    b.fe.set_vring_err(rx_vring(0), &err)
+        .expect("SET_VRING_ERR");
+    b.post_rx(0, 4);
+
+    // Waits for the frontend's side of the error eventfd to count `want`.
+    let wait_errors = |want: u64| {
+        let deadline = Instant::now() + TIMEOUT;
+        let mut seen = 0;
+        while seen < want {
+            match err.read() {
+                Ok(n) => seen += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "{seen} vring errors, expected {want}"
+                    );
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("read the error eventfd: {e}"),
+            }
+        }
+        assert_eq!(seen, want);
+    };
+
+    d.control("{\"cmd\":\"fault\",\"set\":\"needs-reset\",\"device\":\"nic1\"}");
+    wait_errors(1);
+    d.wait_counter("/devices/1/device/vring_errors_signalled", 1);
+    // Cleared (as a device reset does) and set again: a new error, a new
+    // report.
+    d.control("{\"cmd\":\"fault\",\"clear\":\"needs-reset\",\"device\":\"nic1\"}");
+    d.control("{\"cmd\":\"fault\",\"set\":\"needs-reset\",\"device\":\"nic1\"}");
+    wait_errors(1);
+    d.wait_counter("/devices/1/device/vring_errors_signalled", 2);
+    d.wait_counter("/devices/1/faults/fired/needs-reset", 2);
+}
