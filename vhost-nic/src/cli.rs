@@ -61,13 +61,14 @@ pub struct Cli {
     /// docs/driver-toolkit.md). `--stats-socket` is the old name.
     #[arg(long, visible_alias = "stats-socket")]
     pub control_socket: Option<PathBuf>,
-    /// Inject a fault into every device from the start:
-    /// KIND[:queue=Q,ratio=R,count=N,ms=M,bytes=B,limit=L], e.g.
-    /// rx-drop:queue=0,ratio=0.1. Repeatable. Kinds: rx-drop, rx-hold,
-    /// rx-delay, rx-batch, tx-reorder, rx-short, rx-bad-csum, rx-no-split,
-    /// irq-suppress, irq-duplicate, link-down, needs-reset.
+    /// Inject a fault from the start, into every device or, with
+    /// device=NAME, one (nic0, nic1, ... in --device order):
+    /// KIND[:device=NAME,queue=Q,ratio=R,count=N,ms=M,bytes=B,limit=L], e.g.
+    /// rx-drop:device=nic1,queue=0,ratio=0.1. Repeatable. Kinds: rx-drop,
+    /// rx-hold, rx-delay, rx-batch, tx-reorder, rx-short, rx-bad-csum,
+    /// rx-no-split, irq-suppress, irq-duplicate, link-down, needs-reset.
     #[arg(long = "fault", value_name = "SPEC", value_parser = parse_fault)]
-    pub faults: Vec<FaultSpec>,
+    pub faults: Vec<StartupFault>,
     /// Start the descriptor flight recorder at once, keeping DEPTH entries
     /// per virtqueue (default 256). It is dumped to the log at exit.
     #[arg(long, value_name = "DEPTH", num_args = 0..=1, default_missing_value = "256")]
@@ -78,8 +79,28 @@ pub struct Cli {
     pub capture: Option<PathBuf>,
 }
 
-fn parse_fault(s: &str) -> Result<FaultSpec, FaultError> {
-    FaultSpec::parse(s)
+/// A `--fault`: a fault spec, and the device it is for (all when None).
+#[derive(Debug, Clone)]
+pub struct StartupFault {
+    pub device: Option<String>,
+    pub spec: FaultSpec,
+}
+
+/// `device=NAME` is taken out; the rest is a fault spec as the control
+/// socket takes it.
+fn parse_fault(s: &str) -> Result<StartupFault, FaultError> {
+    let s = s.trim();
+    let (kind, args) = s.split_once(':').unwrap_or((s, ""));
+    let mut device = None;
+    let mut rest = Vec::new();
+    for kv in args.split(',').filter(|x| !x.is_empty()) {
+        match kv.split_once('=') {
+            Some(("device", name)) => device = Some(name.to_string()),
+            _ => rest.push(kv),
+        }
+    }
+    let spec = FaultSpec::parse(&format!("{kind}:{}", rest.join(",")))?;
+    Ok(StartupFault { device, spec })
 }
 
 #[derive(Debug, Subcommand)]

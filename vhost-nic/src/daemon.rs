@@ -14,9 +14,9 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::NetBackend;
+use crate::cli::StartupFault;
 use crate::config::{DeviceOptions, OptionError, PortSpec};
 use crate::device::NetDevice;
-use crate::fault::FaultSpec;
 use crate::frontend_relay::{self, RelayError};
 use crate::port::tap::{TapError, TapPort};
 use crate::port::wire::Wire;
@@ -226,7 +226,7 @@ fn serve_connection(backend: &Arc<NetBackend>, frontend: UnixStream) -> Result<(
 pub fn run(
     opts: Vec<DeviceOptions>,
     control_socket: Option<&Path>,
-    faults: &[FaultSpec],
+    faults: &[StartupFault],
     trace: Option<usize>,
     capture: Option<&Path>,
 ) -> Result<(), DaemonError> {
@@ -236,11 +236,28 @@ pub fn run(
             b.device().tracer.enable(Some(depth));
         }
     }
-    for b in &devices.backends {
-        for f in faults {
-            b.device().set_fault(f.clone()).map_err(|e| {
-                DaemonError::Fault(format!("--fault for {}: {e}", b.device().opts.name))
-            })?;
+    for f in faults {
+        let mut found = false;
+        for b in &devices.backends {
+            let name = &b.device().opts.name;
+            if f.device.as_ref().is_some_and(|d| d != name) {
+                continue;
+            }
+            found = true;
+            b.device()
+                .set_fault(f.spec.clone())
+                .map_err(|e| DaemonError::Fault(format!("--fault for {name}: {e}")))?;
+        }
+        if let (false, Some(d)) = (found, &f.device) {
+            let names: Vec<_> = devices
+                .backends
+                .iter()
+                .map(|b| b.device().opts.name.as_str())
+                .collect();
+            return Err(DaemonError::Fault(format!(
+                "--fault: no device named `{d}`; the devices are {}",
+                names.join(", ")
+            )));
         }
     }
     if let Some(file) = capture {

@@ -144,7 +144,7 @@ fn ring_shows_posted_chains_and_held_buffers() {
 
 #[test]
 fn fault_from_the_command_line_and_interrupt_faults() {
-    let d = Daemon::start_pair_with(1, &["--fault", "rx-drop:queue=0,limit=2"]);
+    let d = Daemon::start_pair_with(1, &["--fault", "rx-drop:device=nic1,queue=0,limit=2"]);
     let mut a = Nic::connect(&d.socket("a"), 1);
     let mut b = Nic::connect(&d.socket("b"), 1);
     b.post_rx(0, 8);
@@ -156,6 +156,13 @@ fn fault_from_the_command_line_and_interrupt_faults() {
     d.wait_counter("/devices/1/queues/0/rx_drops/injected", 2);
     d.wait_counter("/devices/1/faults/fired/rx-drop", 2);
     d.wait_counter("/devices/1/queues/0/rx_interrupts_sent", 1);
+    // Only the named device has it.
+    let faults = d.control("{\"cmd\":\"fault\",\"device\":\"nic0\"}");
+    assert_eq!(
+        faults["ok"]["devices"][0]["active"],
+        serde_json::json!([]),
+        "{faults}"
+    );
 
     // Duplicate interrupts: one used update, two interrupts.
     d.control("{\"cmd\":\"fault\",\"set\":\"irq-duplicate\",\"device\":\"nic1\"}");
@@ -179,6 +186,27 @@ fn bad_fault_on_the_command_line_says_what_to_do() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("between 0 and 1"), "{err}");
+
+    // A device that does not exist: an error at start-up naming the ones
+    // that do.
+    let sock =
+        std::env::temp_dir().join(format!("vhost-nic-bad-fault-{}.sock", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_vhost-nic"))
+        .args([
+            "--socket",
+            sock.to_str().unwrap(),
+            "--fault",
+            "rx-drop:device=nic7",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let _ = std::fs::remove_file(&sock);
+    assert!(
+        err.contains("no device named `nic7`; the devices are nic0"),
+        "{err}"
+    );
 }
 
 #[test]
