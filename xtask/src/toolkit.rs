@@ -284,8 +284,10 @@ struct FaultRun {
     set: Option<String>,
     fired_before: u64,
     fired_after: u64,
-    /// What traffic met while it was on, for the outages.
+    /// What traffic met while it was on, for the outages, and whether
+    /// that is what the fault must do.
     met: Option<String>,
+    met_ok: Option<bool>,
     cleared: bool,
     /// needs-reset: whether the guest's device reset cleared it.
     reset_cleared: Option<bool>,
@@ -344,6 +346,7 @@ fn answer_fault(lab: &Lab, runs: &mut BTreeMap<String, FaultRun>, name: &str) ->
             run.met = Some(format!(
                 "buffers held: {took}, frames waiting for buffers: {starved}"
             ));
+            run.met_ok = Some(took && starved);
         }
         "irq-suppress" => {
             // Every interrupt skipped until the limit (4) is reached, or
@@ -421,7 +424,10 @@ pub fn fault_matrix(lab: &Lab) -> Result<Tally> {
     let mut t = report::guest_results(&run.output, FAULTS.len(), &run.console);
     for (kind, _, _) in FAULTS {
         let r = runs.get(*kind).cloned().unwrap_or_default();
-        let mut ok = r.set.is_some() && r.cleared && r.fired_after > r.fired_before;
+        let mut ok = r.set.is_some()
+            && r.cleared
+            && r.fired_after > r.fired_before
+            && r.met_ok != Some(false);
         if *kind == "needs-reset" {
             // Reported as a vring error (QEMU then sets DEVICE_NEEDS_RESET)
             // and cleared by the reset the guest's driver did.
