@@ -337,7 +337,10 @@ def test_allocs_seen_by_host():
     """The driver tells the device (1.1) about its VRAM allocations: while
     buffers of known sizes are live the host's `fake-gpu inspect allocs`
     lists exactly them (VRAM offset, size, dma-buf inode number as id), and
-    after they are freed none of them, with one free noted for each."""
+    after they are freed none of them, with one free noted for each. Notes
+    that contradict the table, put on the ring through debugfs, are
+    refused: an overlapping allocation (EEXIST), a free of the wrong id
+    (ENOENT)."""
     gpu = Gpu()
     bufs = []
     try:
@@ -353,6 +356,16 @@ def test_allocs_seen_by_host():
                 for b in bufs]
         if bufs[2].size != (3 << 20) + 4096 or bufs[1].vram_offset % (2 << 20):
             raise Fail(f"driver's allocations: {want}")
+        first = want[0]
+        for what, cmd, err in (
+                ("ALLOC_NOTE overlapping a live buffer",
+                 (6, 0, first["offset"] + 4096, 4096, 1), errno.EEXIST),
+                ("FREE_NOTE with the wrong id",
+                 (7, 0, first["offset"], first["size"], first["id"] + 1), errno.ENOENT)):
+            got = raw_command(*cmd)
+            log(f"{what}: {name(got)}")
+            if got != err:
+                raise Fail(f"{what}: the device answered {name(got)}, want {name(err)}")
         with open(f"{RESULTS}/gpu-allocs.json", "w") as f:
             json.dump({"allocs": want}, f)
         log("allocated " + ", ".join(f"{a['offset']:#x}+{a['size']:#x} id {a['id']}" for a in want))
