@@ -5,6 +5,7 @@
 //! ranges, no free of a range that is not live) and keeps at most
 //! [`MAX_ALLOCS`] entries, so a guest cannot make it grow without bound.
 
+use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -113,11 +114,10 @@ impl AllocTable {
     /// Removes the live allocation that has exactly this offset, size and
     /// id; `AllocUnknown` when there is none.
     pub fn note_free(&mut self, offset: u64, size: u64, id: u64) -> Result<Alloc, Status> {
-        match self.live.get(&offset) {
-            Some(a) if a.size == size && a.id == id => {}
+        let a = match self.live.entry(offset) {
+            Entry::Occupied(e) if e.get().size == size && e.get().id == id => e.remove(),
             _ => return Err(Status::AllocUnknown),
-        }
-        let a = self.live.remove(&offset).ok_or(Status::AllocUnknown)?;
+        };
         self.counts.freed += 1;
         self.counts.live = self.live.len() as u64;
         self.counts.bytes -= a.size;
