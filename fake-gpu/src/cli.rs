@@ -110,8 +110,12 @@ pub struct InspectArgs {
 pub enum InspectOp {
     /// Layout, peer IDs and vectors (JSON).
     Info,
-    /// Commands by opcode, errors by status, bytes, ring state (JSON).
+    /// Commands by opcode, errors by status, bytes, ring state, allocation
+    /// counts (JSON).
     Stats,
+    /// The guest driver's live VRAM allocations (offset, size, id) and
+    /// their counts (JSON).
+    Allocs,
     /// Hex dump of a range.
     Read {
         #[arg(value_parser = parse_size)]
@@ -203,6 +207,10 @@ fn inspect(args: &InspectArgs) -> Result<ExitCode, CliError> {
             writeln!(out, "{v:#}")?;
         }
         InspectOp::Stats => writeln!(out, "{:#}", ins.stats()?)?,
+        InspectOp::Allocs => {
+            let v = ins.request(&serde_json::json!({"cmd": "allocs"}))?;
+            writeln!(out, "{v:#}")?;
+        }
         InspectOp::Read { offset, len } => {
             let data = ins.read(region, *offset, *len)?;
             out.write_all(hexdump(*offset, &data).as_bytes())?;

@@ -328,8 +328,14 @@ impl Driver {
 
     /// Requests a ring reset and waits for it (CONTROL.RESET cleared).
     pub fn reset(&mut self, timeout: Duration) -> Result<(), ClientError> {
+        self.reset_with(0, timeout)
+    }
+
+    /// Requests a ring reset with more `CONTROL` bits set (e.g.
+    /// `CONTROL_CLEAR_ALLOCS`) and waits for it.
+    pub fn reset_with(&mut self, bits: u32, timeout: Duration) -> Result<(), ClientError> {
         let before = self.reg(reg::RESET_COUNT);
-        self.shm().store_u32(reg::CONTROL, CONTROL_RESET)?;
+        self.shm().store_u32(reg::CONTROL, CONTROL_RESET | bits)?;
         self.doorbell()?;
         let deadline = Instant::now() + timeout;
         let event_vector = (self.client.vectors.len() > 1) as u16;

@@ -5,7 +5,10 @@
 //! Requests (`region` is `vram` (default), `staging` or `bar`; offsets are
 //! relative to the region):
 //! - `{"cmd":"info"}`: layout, peer IDs, vectors.
-//! - `{"cmd":"stats"}`: counters by opcode and status, bytes, ring state.
+//! - `{"cmd":"stats"}`: counters by opcode and status, bytes, ring state,
+//!   allocation counts.
+//! - `{"cmd":"allocs"}`: the VRAM allocations the guest driver described
+//!   (ALLOC_NOTE, FREE_NOTE) in `allocs`, with their counts.
 //! - `{"cmd":"read","offset":N,"len":N,"encoding":"base64"|"hex"}`: bytes
 //!   (at most [`MAX_READ`] per request) in `data`.
 //! - `{"cmd":"checksum","offset":N,"len":N}`: CRC32C in `crc32c`.
@@ -58,6 +61,7 @@ pub enum Encoding {
 enum Request {
     Info,
     Stats,
+    Allocs,
     Read {
         #[serde(default = "default_region")]
         region: Region,
@@ -164,6 +168,7 @@ pub fn handle(device: &Device, line: &str) -> Value {
     let result = match req {
         Request::Info => Ok(device.info_json()),
         Request::Stats => Ok(device.stats_json()),
+        Request::Allocs => Ok(device.allocs_json()),
         Request::Read {
             region,
             offset,

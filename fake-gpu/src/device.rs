@@ -181,12 +181,14 @@ impl Device {
     }
 
     /// A guest connected: the device is reset (the guest driver starts
-    /// from a clean ring, as after a power-on) and interrupts go to it.
+    /// from a clean ring and an empty allocation table, as after a
+    /// power-on) and interrupts go to it.
     pub fn attach_guest(&self, link: GuestLink) -> Result<(), ShmError> {
         let id = link.id;
         let mut engine = lock(&self.engine);
         *lock(&self.guest) = Some(link);
         self.write_identity()?;
+        engine.clear_allocs();
         engine.reset(&self.shm, &self.stats)?;
         engine.publish_counters(&self.shm, &self.stats)?;
         self.stats.guest_connects.inc();
@@ -195,6 +197,7 @@ impl Device {
     }
 
     /// The guest with this ID went away; returns whether it was attached.
+    /// Its allocations stay listed until the next guest attaches.
     pub fn detach_guest(&self, id: u16) -> bool {
         let _engine = lock(&self.engine);
         let mut guest = lock(&self.guest);
@@ -323,6 +326,17 @@ impl Device {
             "reset_count": r.reset_count,
         });
         v["guest_peer_id"] = json!(self.guest_id());
+        v["allocs"] = json!(lock(&self.engine).allocs().counts());
+        v
+    }
+
+    /// The VRAM allocations the driver described, in VRAM order, and
+    /// their counts (the control socket's `allocs`).
+    pub fn allocs_json(&self) -> Value {
+        let engine = lock(&self.engine);
+        let t = engine.allocs();
+        let mut v = json!(t.counts());
+        v["allocs"] = json!(t.entries());
         v
     }
 

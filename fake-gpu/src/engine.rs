@@ -10,11 +10,12 @@
 //! spurious doorbell is harmless and a missed one is recovered by the next
 //! doorbell or poll.
 
+use crate::allocs::AllocTable;
 use crate::crc32c::Crc32c;
 use crate::layout::{
     reg, Command, Completion, Layout, Opcode, Status, CMD_ENTRY_SIZE, CMD_RING_ENTRIES,
-    CMD_RING_OFFSET, CONTROL_REGION_SIZE, CONTROL_RESET, CPL_RING_ENTRIES, DMA_ALIGN,
-    REG_PAGE_SIZE, STATUS_CPL_FULL, STATUS_READY, STATUS_RING_ERROR,
+    CMD_RING_OFFSET, CONTROL_CLEAR_ALLOCS, CONTROL_REGION_SIZE, CONTROL_RESET, CPL_RING_ENTRIES,
+    DMA_ALIGN, REG_PAGE_SIZE, STATUS_CPL_FULL, STATUS_READY, STATUS_RING_ERROR,
 };
 use crate::shm::{SharedMemory, ShmError};
 use crate::stats::{Stats, SLOTS};
@@ -32,7 +33,8 @@ pub struct Pass {
     pub event: bool,
 }
 
-/// The engine's private state: the indices it owns.
+/// The engine's private state: the indices it owns, and the VRAM
+/// allocations the driver described.
 #[derive(Debug)]
 pub struct Engine {
     cmd_cons: u32,
@@ -43,6 +45,7 @@ pub struct Engine {
     status: u32,
     resets: u32,
     scratch: Vec<u8>,
+    allocs: AllocTable,
 }
 
 impl Default for Engine {
@@ -55,6 +58,7 @@ impl Default for Engine {
             status: 0,
             resets: 0,
             scratch: vec![0; SCRATCH],
+            allocs: AllocTable::default(),
         }
     }
 }
@@ -84,6 +88,20 @@ impl Engine {
         self.status
     }
 
+    /// The VRAM allocations the driver described (ALLOC_NOTE, FREE_NOTE).
+    pub fn allocs(&self) -> &AllocTable {
+        &self.allocs
+    }
+
+    /// Empties the allocation table (a new guest; the driver's request).
+    pub fn clear_allocs(&mut self) {
+        let n = self.allocs.counts().live;
+        if n > 0 {
+            log::info!("forgetting {n} VRAM allocations of the previous driver");
+        }
+        self.allocs.clear();
+    }
+
     fn set_status(&mut self, shm: &SharedMemory, bit: u32, on: bool) -> Result<(), ShmError> {
         let new = if on {
             self.status | bit
@@ -99,6 +117,7 @@ impl Engine {
 
     /// Ring reset: indices to zero, rings and the driver registers cleared,
     /// `STATUS` = READY, `RESET_COUNT` incremented, `CONTROL` cleared last.
+    /// The allocation table is kept (see `clear_allocs`).
     pub fn reset(&mut self, shm: &SharedMemory, stats: &Stats) -> Result<(), ShmError> {
         self.cmd_cons = 0;
         self.cpl_prod = 0;
@@ -150,7 +169,11 @@ impl Engine {
         stats: &Stats,
     ) -> Result<Pass, ShmError> {
         let mut pass = Pass::default();
-        if shm.load_u32(reg::CONTROL)? & CONTROL_RESET != 0 {
+        let control = shm.load_u32(reg::CONTROL)?;
+        if control & CONTROL_RESET != 0 {
+            if control & CONTROL_CLEAR_ALLOCS != 0 {
+                self.clear_allocs();
+            }
             self.reset(shm, stats)?;
             pass.event = true;
         }
@@ -285,6 +308,26 @@ impl Engine {
                 let src = vram(cmd.src, cmd.len)?;
                 let crc = checksum(shm, src, cmd.len, &mut self.scratch).map_err(internal)?;
                 Ok((u64::from(crc), cmd.len))
+            }
+            Opcode::AllocNote | Opcode::FreeNote => {
+                // The range must be a real VRAM range; nothing moves.
+                if cmd.src != 0 || cmd.len == 0 {
+                    return Err(Status::BadField);
+                }
+                vram(cmd.dst, cmd.len)?;
+                if op == Opcode::AllocNote {
+                    self.allocs.note_alloc(cmd.dst, cmd.len, cmd.arg)?;
+                    log::debug!(
+                        "VRAM allocation {:#x}+{:#x} id {}",
+                        cmd.dst,
+                        cmd.len,
+                        cmd.arg
+                    );
+                } else {
+                    self.allocs.note_free(cmd.dst, cmd.len, cmd.arg)?;
+                    log::debug!("VRAM free {:#x}+{:#x} id {}", cmd.dst, cmd.len, cmd.arg);
+                }
+                Ok((0, 0))
             }
         }
     }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::allocs::{Alloc, AllocCounts};
 use crate::codec::base64_decode;
 use crate::control::MAX_READ;
 use crate::layout::Region;
@@ -59,6 +60,15 @@ pub struct Comparison {
     pub differing_bytes: u64,
     /// Offset in the region of the first differing byte.
     pub first_difference: Option<u64>,
+}
+
+/// The VRAM allocations the guest driver described, and their counts.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Allocs {
+    /// Live allocations in VRAM order.
+    pub allocs: Vec<Alloc>,
+    #[serde(flatten)]
+    pub counts: AllocCounts,
 }
 
 /// A connection to a device's control socket.
@@ -114,6 +124,12 @@ impl Inspector {
     /// Counters and ring state, as the daemon reports them.
     pub fn stats(&mut self) -> Result<Value, InspectError> {
         self.request(&json!({"cmd": "stats"}))
+    }
+
+    /// The live VRAM allocations and their counts.
+    pub fn allocs(&mut self) -> Result<Allocs, InspectError> {
+        let v = self.request(&json!({"cmd": "allocs"}))?;
+        serde_json::from_value(v).map_err(|e| InspectError::BadReply(e.to_string()))
     }
 
     /// Reads `len` bytes at `offset` of `region` (in requests of at most

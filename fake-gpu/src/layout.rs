@@ -11,7 +11,7 @@ use std::fmt;
 /// `MAGIC` register value: the bytes "FGPU" read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"FGPU");
 /// `VERSION` register value: major in bits 31..16, minor in bits 15..0.
-pub const VERSION: u32 = 0x0001_0000;
+pub const VERSION: u32 = 0x0001_0001;
 
 /// The register page.
 pub const REG_PAGE_SIZE: u64 = 0x1000;
@@ -109,6 +109,9 @@ pub mod reg {
 /// `CONTROL` bit: the driver asks for a ring reset; the device clears it
 /// when done.
 pub const CONTROL_RESET: u32 = 1 << 0;
+/// `CONTROL` bit, with `CONTROL_RESET`: the reset also empties the VRAM
+/// allocation table (a driver starting from scratch). Ignored alone.
+pub const CONTROL_CLEAR_ALLOCS: u32 = 1 << 1;
 /// `STATUS` bit: the device is serving the rings.
 pub const STATUS_READY: u32 = 1 << 0;
 /// `STATUS` bit: `CMD_PROD` is more than a ring ahead of `CMD_CONS`.
@@ -126,15 +129,19 @@ pub enum Opcode {
     VramToStaging = 3,
     StagingToVram = 4,
     Checksum = 5,
+    AllocNote = 6,
+    FreeNote = 7,
 }
 
-pub const OPCODES: [Opcode; 6] = [
+pub const OPCODES: [Opcode; 8] = [
     Opcode::Nop,
     Opcode::Fill,
     Opcode::Copy,
     Opcode::VramToStaging,
     Opcode::StagingToVram,
     Opcode::Checksum,
+    Opcode::AllocNote,
+    Opcode::FreeNote,
 ];
 
 impl Opcode {
@@ -150,6 +157,8 @@ impl Opcode {
             Opcode::VramToStaging => "vram_to_staging",
             Opcode::StagingToVram => "staging_to_vram",
             Opcode::Checksum => "checksum",
+            Opcode::AllocNote => "alloc_note",
+            Opcode::FreeNote => "free_note",
         }
     }
 
@@ -180,9 +189,15 @@ pub enum Status {
     RingIndex = 6,
     /// The device failed to touch its own memory (should never happen).
     Internal = 7,
+    /// ALLOC_NOTE: the range overlaps a live allocation.
+    AllocOverlap = 8,
+    /// FREE_NOTE: no live allocation has this offset, size and id.
+    AllocUnknown = 9,
+    /// ALLOC_NOTE: the allocation table holds `MAX_ALLOCS` entries already.
+    AllocTableFull = 10,
 }
 
-pub const STATUSES: [Status; 8] = [
+pub const STATUSES: [Status; 11] = [
     Status::Ok,
     Status::BadOpcode,
     Status::BadField,
@@ -191,6 +206,9 @@ pub const STATUSES: [Status; 8] = [
     Status::OutOfRange,
     Status::RingIndex,
     Status::Internal,
+    Status::AllocOverlap,
+    Status::AllocUnknown,
+    Status::AllocTableFull,
 ];
 
 impl Status {
@@ -208,6 +226,9 @@ impl Status {
             Status::OutOfRange => "out_of_range",
             Status::RingIndex => "ring_index",
             Status::Internal => "internal",
+            Status::AllocOverlap => "alloc_overlap",
+            Status::AllocUnknown => "alloc_unknown",
+            Status::AllocTableFull => "alloc_table_full",
         }
     }
 }
@@ -308,6 +329,27 @@ impl Command {
             src,
             len,
             ..Default::default()
+        }
+    }
+
+    /// ALLOC_NOTE: the driver allocated `len` bytes of VRAM at `dst` for
+    /// its object `id`.
+    pub fn alloc_note(tag: u64, dst: u64, len: u64, id: u64) -> Command {
+        Command {
+            opcode: Opcode::AllocNote as u16,
+            tag,
+            dst,
+            len,
+            arg: id,
+            ..Default::default()
+        }
+    }
+
+    /// FREE_NOTE: the driver freed the allocation ALLOC_NOTE described.
+    pub fn free_note(tag: u64, dst: u64, len: u64, id: u64) -> Command {
+        Command {
+            opcode: Opcode::FreeNote as u16,
+            ..Command::alloc_note(tag, dst, len, id)
         }
     }
 
@@ -553,6 +595,6 @@ mod tests {
         };
         assert_eq!(Completion::decode(&p.encode()), p);
         assert_eq!(&MAGIC.to_le_bytes(), b"FGPU");
-        assert_eq!(Opcode::mask(), 0x3f);
+        assert_eq!(Opcode::mask(), 0xff);
     }
 }

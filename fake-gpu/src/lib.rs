@@ -8,13 +8,15 @@
 //! the commands and raises the guest's MSI-X vector through its eventfd.
 //!
 //! Layout: `layout` is the programming interface (registers, entries,
-//! codes); `shm` the shared memory; `protocol` and `server` the ivshmem
-//! protocol; `engine` executes commands and `device` ties memory, engine
-//! and interrupts together; `control` and `inspect` are the host-side
+//! codes); `allocs` the table of the driver's VRAM allocations; `shm` the
+//! shared memory; `protocol` and `server` the ivshmem protocol; `engine`
+//! executes commands and `device` ties memory, engine and interrupts
+//! together; `control` and `inspect` are the host-side
 //! inspection socket and its client; `daemon` runs the threads; `client`
 //! is a fake QEMU plus a minimal driver (tests, benchmark); `bench` and
 //! `cli` are the remaining commands.
 
+pub mod allocs;
 pub mod bench;
 pub mod cli;
 pub mod client;

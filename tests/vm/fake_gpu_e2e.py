@@ -6,8 +6,11 @@ Cases (KTAP, names on the command line select them), for a guest booted
 with `--gpu switch`:
   fake_gpu_engine_round_trip, fake_gpu_alloc_beyond_vram_enomem,
   fake_gpu_cpu_never_maps_vram, fake_gpu_malformed_command_reported,
-  fake_gpu_free_while_bound_deferred, fake_gpu_devmem_rx_into_vram
+  fake_gpu_free_while_bound_deferred, fake_gpu_allocs_seen_by_host,
+  fake_gpu_devmem_rx_into_vram
 and for `--gpu root-complex`: fake_gpu_root_complex_bind_refused.
+fake_gpu_allocs_seen_by_host has the host check the device's allocation
+table mid-case (toolkit_faults.ask, answered by xtask/src/fake_gpu.rs).
 
 The demo's steps (`cargo xtask demo`), whose results the host checks:
   fake_gpu_e2e.py demo-tx BYTES      devmem TX of BYTES out of VRAM
@@ -18,6 +21,7 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import json
 import mmap
 import os
 import re
@@ -29,6 +33,7 @@ import time
 
 import devmem_e2e as dm
 from devmem_e2e import Fail, log, sh, wait_for
+from toolkit_faults import RESULTS, ask
 
 DEV = "/dev/fake-gpu0"
 DEBUGFS = "/sys/kernel/debug/fake_gpu/fake-gpu0"
@@ -328,6 +333,53 @@ def test_free_while_bound_deferred():
         gpu.close()
 
 
+def test_allocs_seen_by_host():
+    """The driver tells the device (1.1) about its VRAM allocations: while
+    buffers of known sizes are live the host's `fake-gpu inspect allocs`
+    lists exactly them (VRAM offset, size, dma-buf inode number as id), and
+    after they are freed none of them, with one free noted for each. Notes
+    that contradict the table, put on the ring through debugfs, are
+    refused: an overlapping allocation (EEXIST), a free of the wrong id
+    (ENOENT)."""
+    gpu = Gpu()
+    bufs = []
+    try:
+        info = gpu.info()
+        if info.version & 0xffff < 1:
+            raise Fail(f"device {info.version >> 16}.{info.version & 0xffff} has no allocation table")
+        if info.vram_free != info.vram_size:
+            raise Fail(f"{info.vram_size - info.vram_free} bytes of VRAM allocated before the case")
+        # Page-sized, 2 MiB aligned, and not a page multiple (rounded up).
+        for size, align in ((64 << 10, 0), (1 << 20, 2 << 20), ((3 << 20) + 1, 0), (4096, 0)):
+            bufs.append(gpu.alloc(size, align))
+        want = [{"offset": b.vram_offset, "size": b.size, "id": os.fstat(b.fd).st_ino}
+                for b in bufs]
+        if bufs[2].size != (3 << 20) + 4096 or bufs[1].vram_offset % (2 << 20):
+            raise Fail(f"driver's allocations: {want}")
+        first = want[0]
+        for what, cmd, err in (
+                ("ALLOC_NOTE overlapping a live buffer",
+                 (6, 0, first["offset"] + 4096, 4096, 1), errno.EEXIST),
+                ("FREE_NOTE with the wrong id",
+                 (7, 0, first["offset"], first["size"], first["id"] + 1), errno.ENOENT)):
+            got = raw_command(*cmd)
+            log(f"{what}: {name(got)}")
+            if got != err:
+                raise Fail(f"{what}: the device answered {name(got)}, want {name(err)}")
+        with open(f"{RESULTS}/gpu-allocs.json", "w") as f:
+            json.dump({"allocs": want}, f)
+        log("allocated " + ", ".join(f"{a['offset']:#x}+{a['size']:#x} id {a['id']}" for a in want))
+        log(f"host, live: {ask('gpu-allocs-live')}")
+        for b in bufs:
+            b.close()
+        wait_for("the VRAM to be free", lambda: gpu.info().vram_free == info.vram_size, 10)
+        log(f"host, freed: {ask('gpu-allocs-freed')}")
+    finally:
+        for b in bufs:
+            b.close()
+        gpu.close()
+
+
 def receive(port, nbytes, receiver):
     """Accepts one connection on port from the remote end's pattern sender
     of nbytes; returns receiver(conn)."""
@@ -405,7 +457,7 @@ def test_root_complex_bind_refused():
 
 SWITCH_TESTS = [test_engine_round_trip, test_alloc_beyond_vram_enomem, test_cpu_never_maps_vram,
                 test_malformed_command_reported, test_free_while_bound_deferred,
-                test_devmem_rx_into_vram]
+                test_allocs_seen_by_host, test_devmem_rx_into_vram]
 ROOT_COMPLEX_TESTS = [test_root_complex_bind_refused]
 
 

@@ -17,7 +17,7 @@ use crate::{
 const PATTERN: [u8; 7] = [1, 2, 3, 4, 5, 6, 10];
 
 /// Cases fake_gpu_e2e.py runs on each machine shape.
-const SWITCH_CASES: usize = 6;
+const SWITCH_CASES: usize = 7;
 const ROOT_COMPLEX_CASES: usize = 1;
 
 /// Upstream devmem.py's cases, run again with ncdevmem's fake-GPU provider.
@@ -34,10 +34,23 @@ fn with_gpu(args: &LabArgs, shape: GpuShape) -> LabArgs {
     }
 }
 
+/// What the guest's asks had the host do in the switch run.
+#[derive(Default)]
+struct Asked {
+    /// The devmem RX flow's trace (`trace-devmem-rx`).
+    dumps: Option<(Result<serde_json::Value>, String)>,
+    /// fake_gpu_allocs_seen_by_host: the allocation table's counts when
+    /// the guest's buffers were live (`gpu-allocs-live`), and the outcome
+    /// of each of the two checks.
+    allocs_at_live: Option<AllocCounts>,
+    allocs: Vec<(&'static str, std::result::Result<String, String>)>,
+}
+
 /// `cargo xtask test`'s fake GPU part: a guest with the GPU on the NICs'
 /// switch (driver cases, devmem RX into VRAM, upstream devmem.py on the
-/// fake-GPU provider, the engine's error counters seen from the host), then
-/// one with the GPU on the root complex (the bind is refused).
+/// fake-GPU provider, the engine's error counters and the driver's VRAM
+/// allocations seen from the host), then one with the GPU on the root
+/// complex (the bind is refused).
 pub fn e2e(args: &LabArgs) -> Result<Tally> {
     let installed = build::selftests(args.kernel_tree.as_deref())?;
     let mut tally = Tally::default();
@@ -63,14 +76,25 @@ pub fn e2e(args: &LabArgs) -> Result<Tally> {
         toolkit::GUEST_ASK,
         crate::GUEST_KSELFTEST_DIR
     );
-    let (run, dumps) = toolkit::answering(
+    let (run, asked) = toolkit::answering(
         &p.lab,
-        None,
-        |dumps, name| {
-            if name == "trace-devmem-rx" {
-                *dumps = Some(trace_devmem_flow(&p.lab));
+        Asked::default(),
+        |asked, name| match name {
+            "trace-devmem-rx" => {
+                asked.dumps = Some(trace_devmem_flow(&p.lab));
+                String::new()
             }
-            String::new()
+            ALLOCS_LIVE => {
+                let r = allocs_live(&p.lab, &mut asked.allocs_at_live);
+                asked.allocs.push((ALLOCS_LIVE, r.clone()));
+                r.unwrap_or_else(|e| format!("error: {e}"))
+            }
+            ALLOCS_FREED => {
+                let r = allocs_freed(&p.lab, asked.allocs_at_live);
+                asked.allocs.push((ALLOCS_FREED, r.clone()));
+                r.unwrap_or_else(|e| format!("error: {e}"))
+            }
+            _ => format!("error: unknown request {name}"),
         },
         || p.lab.run_guest(&script, Duration::from_secs(3600), false),
     );
@@ -81,7 +105,19 @@ pub fn e2e(args: &LabArgs) -> Result<Tally> {
         SWITCH_CASES + DEVMEM_PY_CASES,
         &run.console,
     ));
-    check_devmem_trace(&mut tally, &traced, dumps);
+    check_devmem_trace(&mut tally, &traced, asked.dumps);
+    for (name, r) in &asked.allocs {
+        match r {
+            Ok(what) => println!("# fake_gpu_host_sees_guest_allocs: {name}: {what}"),
+            Err(e) => println!("# fake_gpu_host_sees_guest_allocs: {name}: {e}"),
+        }
+    }
+    let asks: Vec<&str> = asked.allocs.iter().map(|(n, _)| *n).collect();
+    tally.check(
+        "fake_gpu_host_sees_guest_allocs",
+        asks == [ALLOCS_LIVE, ALLOCS_FREED] && asked.allocs.iter().all(|(_, r)| r.is_ok()),
+        || format!("the guest's asks and the host's checks: {:?}", asked.allocs),
+    );
     let stats = inspect_json(&p.lab, "stats")?;
     let errors = stats["errors"].as_u64().unwrap_or(0);
     tally.check("fake_gpu_host_counts_engine_errors", errors >= 4, || {
@@ -181,6 +217,122 @@ fn check_devmem_trace(
             )
         },
     );
+}
+
+/// The asks of fake_gpu_e2e.py's allocs_seen_by_host, and the file in
+/// which the guest lists its buffers (JSON: `{"allocs": [{"offset",
+/// "size", "id"}]}`, VRAM offsets and dma-buf inode numbers).
+const ALLOCS_LIVE: &str = "gpu-allocs-live";
+const ALLOCS_FREED: &str = "gpu-allocs-freed";
+const ALLOCS_FILE: &str = "gpu-allocs.json";
+
+/// The allocation table's counts as `fake-gpu inspect allocs` shows them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AllocCounts {
+    live: u64,
+    bytes: u64,
+    created: u64,
+    freed: u64,
+}
+
+/// An allocation: (VRAM offset, size, id).
+type Entry = (u64, u64, u64);
+
+/// (offset, size, id) of each allocation in a JSON list, sorted.
+fn alloc_list(v: &serde_json::Value) -> std::result::Result<Vec<Entry>, String> {
+    let list = v.as_array().ok_or_else(|| format!("not a list: {v}"))?;
+    let mut out = list
+        .iter()
+        .map(|a| {
+            let n = |k: &str| a[k].as_u64().ok_or_else(|| format!("no {k} in {a}"));
+            Ok((n("offset")?, n("size")?, n("id")?))
+        })
+        .collect::<std::result::Result<Vec<_>, String>>()?;
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// The device's table (`fake-gpu inspect allocs`): its entries and counts.
+fn device_allocs(lab: &Lab) -> std::result::Result<(Vec<Entry>, AllocCounts), String> {
+    let v = inspect_json(lab, "allocs").map_err(|e| e.to_string())?;
+    let n = |k: &str| v[k].as_u64().ok_or_else(|| format!("no {k} in {v}"));
+    let counts = AllocCounts {
+        live: n("live")?,
+        bytes: n("bytes")?,
+        created: n("created")?,
+        freed: n("freed")?,
+    };
+    Ok((alloc_list(&v["allocs"])?, counts))
+}
+
+/// What the guest says it allocated.
+fn guest_allocs(lab: &Lab) -> std::result::Result<Vec<Entry>, String> {
+    let path = lab.run_dir.join("results").join(ALLOCS_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    alloc_list(&v["allocs"])
+}
+
+fn show(list: &[Entry]) -> String {
+    list.iter()
+        .map(|(o, s, id)| format!("{o:#x}+{s:#x} id {id}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `gpu-allocs-live`: the device lists exactly the guest's buffers (no
+/// other allocation is live at that point of the run).
+fn allocs_live(
+    lab: &Lab,
+    at_live: &mut Option<AllocCounts>,
+) -> std::result::Result<String, String> {
+    let want = guest_allocs(lab)?;
+    let (got, counts) = device_allocs(lab)?;
+    if got != want {
+        return Err(format!(
+            "the device lists [{}], the guest allocated [{}]",
+            show(&got),
+            show(&want)
+        ));
+    }
+    let bytes: u64 = want.iter().map(|a| a.1).sum();
+    if counts.live != want.len() as u64 || counts.bytes != bytes {
+        return Err(format!(
+            "counts {counts:?}: want {} live, {bytes} bytes",
+            want.len()
+        ));
+    }
+    *at_live = Some(counts);
+    Ok(format!(
+        "the device lists the {} live allocations: {}",
+        want.len(),
+        show(&got)
+    ))
+}
+
+/// `gpu-allocs-freed`: after the guest freed its buffers the table is
+/// empty, and exactly that many frees (no allocation) were noted since.
+fn allocs_freed(lab: &Lab, at_live: Option<AllocCounts>) -> std::result::Result<String, String> {
+    let at = at_live.ok_or("no successful gpu-allocs-live check before")?;
+    let freed = guest_allocs(lab)?;
+    let (got, counts) = device_allocs(lab)?;
+    if !got.is_empty() || counts.live != 0 || counts.bytes != 0 {
+        return Err(format!(
+            "still listed after the guest freed everything: [{}] ({counts:?})",
+            show(&got)
+        ));
+    }
+    let n = freed.len() as u64;
+    if counts.created != at.created || counts.freed != at.freed + n {
+        return Err(format!(
+            "counts {at:?} -> {counts:?}: want {n} frees and no allocation"
+        ));
+    }
+    Ok(format!(
+        "none listed; {n} frees noted (created {}, freed {})",
+        counts.created, counts.freed
+    ))
 }
 
 /// `fake-gpu inspect --socket RUN_DIR/gpu.sock OP...`, its stdout.
