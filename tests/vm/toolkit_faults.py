@@ -361,6 +361,9 @@ def test_needs_reset():
             any("device reset failed" in ln for ln in said):
         raise Fail(f"virtio_net did not reset the device cleanly: {said}")
     wait_for("carrier up after the reset", lambda: carrier(dm.NETIF) == "1", 60)
+    back = {k: v for k, v in d.items() if v < 0}
+    if back:
+        raise Fail(f"interface counters went back across the device reset: {back}")
     log(f"needs-reset: kernel: {said}; guest counters moved: {d}")
 
 
