@@ -26,7 +26,7 @@ use crate::packet::{self, ParsedPacket, ETH_HLEN};
 use crate::port::Port;
 use crate::request::{self, ChainBuf};
 use crate::rss;
-use crate::rx::{RxDrop, RxLayout, RxOutcome, RxPacket, RxWriter};
+use crate::rx::{RxDrop, RxLayout, RxOutcome, RxPacket, RxReport, RxWriter};
 use crate::spec::*;
 use crate::stats::{Counter, DeviceStats, DropReason, QueueStats, RSS_HASH_BUCKETS};
 use crate::trace::{FlowFilter, FlowKey, TraceEntry, Tracer};
@@ -377,9 +377,10 @@ impl NetDevice {
     }
 
     pub fn link_up(&self) -> bool {
+        // One check of the faults when none is set (each of the fault
+        // queries below would check `armed` again).
         self.link_up.load(Ordering::Acquire)
-            && !self.faults.link_down()
-            && !self.faults.needs_reset()
+            && !(self.faults.armed() && (self.faults.link_down() || self.faults.needs_reset()))
     }
 
     pub fn set_link(&self, up: bool) {
@@ -628,6 +629,7 @@ impl NetDevice {
             let posted = queue.avail_idx(&*mem, Ordering::Acquire).ok();
             let mut delivered = 0;
             let mut starved = false;
+            let mut tally = RxTally::default();
             while delivered < BUDGET {
                 let Some(mut pkt) = backlog
                     .pending
@@ -677,37 +679,7 @@ impl NetDevice {
                         }
                         used = true;
                         delivered += 1;
-                        // One writer per queue: its worker, under the vring
-                        // lock (see Counter::add_serialized).
-                        stats.rx_packets.add_serialized(1);
-                        stats.rx_bytes.add_serialized(pkt.frame.len() as u64);
-                        stats.rx_buffers.add_serialized(u64::from(r.buffers));
-                        stats.rx_bytes_to_ram.add_serialized(r.ram_bytes);
-                        stats
-                            .rx_bytes_to_device_memory
-                            .add_serialized(r.device_bytes);
-                        stats
-                            .rx_payload_bytes_to_ram
-                            .add_serialized(r.payload_ram_bytes);
-                        stats
-                            .rx_payload_bytes_to_device_memory
-                            .add_serialized(r.payload_device_bytes);
-                        if layout.split.is_some() {
-                            if r.split {
-                                stats.rx_split.add_serialized(1);
-                            } else {
-                                stats.rx_not_split.add_serialized(1);
-                            }
-                        }
-                        match pkt.steer.how {
-                            SteerHow::Rss => stats.rx_steered_rss.add_serialized(1),
-                            SteerHow::FlowRule => stats.rx_steered_flow_rule.add_serialized(1),
-                            SteerHow::Auto => stats.rx_steered_auto.add_serialized(1),
-                        }
-                        if pkt.steer.how != SteerHow::FlowRule {
-                            stats.rx_hash_buckets[pkt.steer.hash as usize % RSS_HASH_BUCKETS]
-                                .add_serialized(1);
-                        }
+                        tally.count(&pkt, &r, layout.split.is_some());
                     }
                     RxOutcome::NoBuffers => {
                         backlog
@@ -731,6 +703,9 @@ impl NetDevice {
                     }
                 }
             }
+            // Before the caller signals the guest, so the counters cover
+            // every packet the driver can see.
+            tally.flush(stats);
             if !starved {
                 break;
             }
@@ -984,15 +959,11 @@ impl NetDevice {
         // The entry of the chain being handled, recorded when the next one
         // starts (each early exit below notes its outcome first).
         let mut entry: Option<Box<TraceEntry>> = None;
-        let note = |entry: &mut Option<Box<TraceEntry>>, what: &str| {
-            if let Some(e) = entry.as_mut() {
-                e.outcome = what.to_string();
-            }
-        };
         loop {
             let _ = queue.disable_notification(&*mem);
             let posted = queue.avail_idx(&*mem, Ordering::Acquire).ok();
             let mut n = 0;
+            let mut tally = TxTally::default();
             while n < BUDGET {
                 let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
                     break;
@@ -1038,7 +1009,7 @@ impl NetDevice {
                     Err(e) => {
                         debug!("{}: tx{pair}: bad chain: {e}", self.opts.name);
                         stats.tx_drops.count(DropReason::BadChain);
-                        note(&mut entry, &format!("error: {e}"));
+                        note(&mut entry, format_args!("error: {e}"));
                         if let Some(t) = entry.take() {
                             self.tracer.record(*t);
                         }
@@ -1049,12 +1020,12 @@ impl NetDevice {
                 let data = buf.data();
                 let Some(hdr) = VirtioNetHdr::from_bytes(data.get(..hdr_len).unwrap_or(&[])) else {
                     stats.tx_drops.count(DropReason::BadTxHeader);
-                    note(&mut entry, "dropped: bad_tx_header");
+                    note(&mut entry, format_args!("dropped: bad_tx_header"));
                     continue;
                 };
                 if hdr.gso_kind().is_none() || data.len() < hdr_len + ETH_HLEN {
                     stats.tx_drops.count(DropReason::BadTxHeader);
-                    note(&mut entry, "dropped: bad_tx_header");
+                    note(&mut entry, format_args!("dropped: bad_tx_header"));
                     continue;
                 }
                 let frame = data[hdr_len..].to_vec();
@@ -1066,9 +1037,9 @@ impl NetDevice {
                     self.capture
                         .packet(pair, false, &frame, PacketNote::default());
                 }
-                stats.tx_packets.inc();
-                stats.tx_bytes.add(frame.len() as u64);
-                stats.tx_bytes_from_device_memory.add(device_bytes);
+                tally.packets += 1;
+                tally.bytes += frame.len() as u64;
+                tally.device_bytes += device_bytes;
                 let hdr = VirtioNetHdr {
                     num_buffers: 0,
                     hash_value: 0,
@@ -1079,15 +1050,16 @@ impl NetDevice {
                     Some(p) if self.link_up() => {
                         if let Err(reason) = p.transmit(self, pair, frame, hdr, &mut woken) {
                             stats.tx_drops.count(reason);
-                            note(&mut entry, &format!("dropped: {reason:?}"));
+                            note(&mut entry, format_args!("dropped: {reason:?}"));
                         }
                     }
                     _ => {
                         stats.tx_drops.count(DropReason::PortDown);
-                        note(&mut entry, "dropped: port_down");
+                        note(&mut entry, format_args!("dropped: port_down"));
                     }
                 }
             }
+            tally.flush(stats);
             if let Some(e) = entry.take() {
                 self.tracer.record(*e);
             }
@@ -1171,7 +1143,7 @@ impl NetDevice {
         (commands, errors): (&Counter, &Counter),
         mut exec: impl FnMut(&[u8], usize) -> (Vec<u8>, bool),
     ) -> bool {
-        if self.faults.needs_reset() {
+        if self.faults.armed() && self.faults.needs_reset() {
             return false;
         }
         let Some(mem) = self.memory() else {
@@ -1207,6 +1179,121 @@ impl NetDevice {
             used = true;
         }
         used
+    }
+}
+
+/// Sets the outcome of the chain being traced, if it is. Takes the text
+/// unformatted so that nothing is formatted or allocated when not tracing.
+fn note(entry: &mut Option<Box<TraceEntry>>, what: std::fmt::Arguments) {
+    if let Some(e) = entry.as_mut() {
+        e.outcome = what.to_string();
+    }
+}
+
+/// Counts of one round of process_tx, added to the queue's counters once
+/// per round rather than with three atomic additions per packet.
+#[derive(Default)]
+struct TxTally {
+    packets: u64,
+    bytes: u64,
+    device_bytes: u64,
+}
+
+impl TxTally {
+    fn flush(&mut self, stats: &QueueStats) {
+        if self.packets != 0 {
+            stats.tx_packets.add(self.packets);
+            stats.tx_bytes.add(self.bytes);
+            stats.tx_bytes_from_device_memory.add(self.device_bytes);
+        }
+        *self = TxTally::default();
+    }
+}
+
+/// Counts of the packets delivered in one round of process_rx, added to
+/// the queue's counters once per round: a dozen counters (and a hash
+/// bucket) per packet otherwise each cost a load and a store of shared
+/// memory.
+#[derive(Default)]
+struct RxTally {
+    packets: u64,
+    bytes: u64,
+    buffers: u64,
+    bytes_to_ram: u64,
+    bytes_to_device_memory: u64,
+    payload_bytes_to_ram: u64,
+    payload_bytes_to_device_memory: u64,
+    split: u64,
+    not_split: u64,
+    steered_rss: u64,
+    steered_flow_rule: u64,
+    steered_auto: u64,
+    hash_buckets: [u64; RSS_HASH_BUCKETS],
+}
+
+impl RxTally {
+    /// One delivered packet; `split_on`: header split is configured.
+    #[inline]
+    fn count(&mut self, pkt: &PendingRx, r: &RxReport, split_on: bool) {
+        let steer = &pkt.steer;
+        self.packets += 1;
+        self.bytes += pkt.frame.len() as u64;
+        self.buffers += u64::from(r.buffers);
+        self.bytes_to_ram += r.ram_bytes;
+        self.bytes_to_device_memory += r.device_bytes;
+        self.payload_bytes_to_ram += r.payload_ram_bytes;
+        self.payload_bytes_to_device_memory += r.payload_device_bytes;
+        if split_on {
+            if r.split {
+                self.split += 1;
+            } else {
+                self.not_split += 1;
+            }
+        }
+        match steer.how {
+            SteerHow::Rss => self.steered_rss += 1,
+            SteerHow::FlowRule => self.steered_flow_rule += 1,
+            SteerHow::Auto => self.steered_auto += 1,
+        }
+        if steer.how != SteerHow::FlowRule {
+            self.hash_buckets[steer.hash as usize % RSS_HASH_BUCKETS] += 1;
+        }
+    }
+
+    /// Adds the round's counts to the queue's counters. One writer per
+    /// queue: its worker, under the vring lock (see
+    /// Counter::add_serialized).
+    fn flush(&mut self, stats: &QueueStats) {
+        if self.packets == 0 {
+            return;
+        }
+        let add = |c: &Counter, n: u64| {
+            if n != 0 {
+                c.add_serialized(n);
+            }
+        };
+        add(&stats.rx_packets, self.packets);
+        add(&stats.rx_bytes, self.bytes);
+        add(&stats.rx_buffers, self.buffers);
+        add(&stats.rx_bytes_to_ram, self.bytes_to_ram);
+        add(
+            &stats.rx_bytes_to_device_memory,
+            self.bytes_to_device_memory,
+        );
+        add(&stats.rx_payload_bytes_to_ram, self.payload_bytes_to_ram);
+        add(
+            &stats.rx_payload_bytes_to_device_memory,
+            self.payload_bytes_to_device_memory,
+        );
+        add(&stats.rx_split, self.split);
+        add(&stats.rx_not_split, self.not_split);
+        add(&stats.rx_steered_rss, self.steered_rss);
+        add(&stats.rx_steered_flow_rule, self.steered_flow_rule);
+        add(&stats.rx_steered_auto, self.steered_auto);
+        for (c, &n) in stats.rx_hash_buckets.iter().zip(&self.hash_buckets) {
+            add(c, n);
+        }
+        *self = RxTally::default();
     }
 }
 
