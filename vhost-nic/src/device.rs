@@ -46,6 +46,12 @@ pub const MAX_CTRL_REQUEST: usize = 64 * 1024;
 /// the others served by the same worker.
 pub const BUDGET: usize = 256;
 
+/// Whether the driver toolkit's data-path hooks are compiled in. Without
+/// the `toolkit-hooks` feature every hook check below is a constant false
+/// and the compiler drops what it guards: the device as if the toolkit did
+/// not exist, the baseline its off cost is measured against.
+pub const TOOLKIT_HOOKS: bool = cfg!(feature = "toolkit-hooks");
+
 /// A frame accepted by steering, waiting for receive buffers.
 #[derive(Debug)]
 pub struct PendingRx {
@@ -152,6 +158,24 @@ impl NetDevice {
             backend_channel: Mutex::new(None),
             opts,
         })
+    }
+
+    /// The data path's check for the flight recorder (see TOOLKIT_HOOKS).
+    #[inline]
+    fn tracing(&self) -> bool {
+        TOOLKIT_HOOKS && self.tracer.on()
+    }
+
+    /// The data path's check for a packet capture.
+    #[inline]
+    fn capturing(&self) -> bool {
+        TOOLKIT_HOOKS && self.capture.on()
+    }
+
+    /// The data path's check for injected faults.
+    #[inline]
+    pub fn faults_armed(&self) -> bool {
+        TOOLKIT_HOOKS && self.faults.armed()
     }
 
     /// Connects the device to its port; done once, after both ends of a
@@ -380,7 +404,7 @@ impl NetDevice {
         // One check of the faults when none is set (each of the fault
         // queries below would check `armed` again).
         self.link_up.load(Ordering::Acquire)
-            && !(self.faults.armed() && (self.faults.link_down() || self.faults.needs_reset()))
+            && !(self.faults_armed() && (self.faults.link_down() || self.faults.needs_reset()))
     }
 
     pub fn set_link(&self, up: bool) {
@@ -531,7 +555,7 @@ impl NetDevice {
             return Steered::Dropped(DropReason::QueueDisabled);
         };
         let stats = &self.queue_stats[usize::from(q)];
-        let arrived = self.tracer.on().then(Instant::now);
+        let arrived = self.tracing().then(Instant::now);
         let mut pending = backlog.pending.lock().unwrap_or_else(|e| e.into_inner());
         let mut push = |frame: Vec<u8>, hdr: VirtioNetHdr, parsed: ParsedPacket| {
             if pending.len() >= RX_BACKLOG_PACKETS {
@@ -610,9 +634,9 @@ impl NetDevice {
         let layout = self.rx_layout();
         let event_idx = self.event_idx.load(Ordering::Acquire);
         let mut used = false;
-        let tracing = self.tracer.on();
-        let capturing = self.capture.on();
-        let faults = if self.faults.armed() {
+        let tracing = self.tracing();
+        let capturing = self.capturing();
+        let faults = if self.faults_armed() {
             if self.faults.needs_reset() {
                 return false;
             }
@@ -811,7 +835,7 @@ impl NetDevice {
     /// A device error while tracing: the queue's recent history goes to
     /// the log (at most once a second).
     fn dump_trace_on_error(&self, vq: usize, why: &str) {
-        if !self.tracer.on() || !self.tracer.log_dump_due() {
+        if !self.tracing() || !self.tracer.log_dump_due() {
             return;
         }
         let entries = self.tracer.entries(Some(vq), &FlowFilter::default());
@@ -943,7 +967,7 @@ impl NetDevice {
         let mut used = false;
         let mut woken: u32 = 0;
         let mut reorder = None;
-        if self.faults.armed() {
+        if self.faults_armed() {
             if self.faults.needs_reset() {
                 return false;
             }
@@ -954,8 +978,8 @@ impl NetDevice {
                 .map(|f| f.spec.count.max(2) as usize);
         }
         let mut deferred: Vec<u16> = Vec::new();
-        let tracing = self.tracer.on();
-        let capturing = self.capture.on();
+        let tracing = self.tracing();
+        let capturing = self.capturing();
         // The entry of the chain being handled, recorded when the next one
         // starts (each early exit below notes its outcome first).
         let mut entry: Option<Box<TraceEntry>> = None;
@@ -1143,7 +1167,7 @@ impl NetDevice {
         (commands, errors): (&Counter, &Counter),
         mut exec: impl FnMut(&[u8], usize) -> (Vec<u8>, bool),
     ) -> bool {
-        if self.faults.armed() && self.faults.needs_reset() {
+        if self.faults_armed() && self.faults.needs_reset() {
             return false;
         }
         let Some(mem) = self.memory() else {
