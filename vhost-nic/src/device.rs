@@ -402,9 +402,15 @@ impl NetDevice {
 
     pub fn link_up(&self) -> bool {
         // One check of the faults when none is set (each of the fault
-        // queries below would check `armed` again).
-        self.link_up.load(Ordering::Acquire)
-            && !(self.faults_armed() && (self.faults.link_down() || self.faults.needs_reset()))
+        // queries would check `armed` again).
+        self.link_up.load(Ordering::Acquire) && !(self.faults_armed() && self.fault_link_down())
+    }
+
+    /// link-down or needs-reset is set.
+    #[cold]
+    #[inline(never)]
+    fn fault_link_down(&self) -> bool {
+        self.faults.link_down() || self.faults.needs_reset()
     }
 
     pub fn set_link(&self, up: bool) {
@@ -669,7 +675,7 @@ impl NetDevice {
                         if tracing {
                             let mut e = self.rx_trace_entry(pair, &pkt, 0);
                             e.outcome = "dropped: injected (rx-drop)".into();
-                            self.tracer.record(e);
+                            self.record_trace(Box::new(e));
                         }
                         continue;
                     }
@@ -699,7 +705,7 @@ impl NetDevice {
                                 steer: Some(pkt.steer),
                                 split: r.split.then_some(r.split_hdr_len),
                             };
-                            self.capture.packet(pair, true, &pkt.frame, note);
+                            self.capture_packet(pair, true, &pkt.frame, note);
                         }
                         used = true;
                         delivered += 1;
@@ -756,12 +762,77 @@ impl NetDevice {
             }
         }
         if capturing {
-            self.capture.flush();
+            self.capture_flush();
         }
         used
     }
 
+    // The toolkit's work, out of line and marked cold: inlined into the
+    // queue loops it made them several times larger and measurably slower
+    // even with the toolkit off.
+
+    #[cold]
+    #[inline(never)]
+    fn record_trace(&self, e: Box<TraceEntry>) {
+        self.tracer.record(*e);
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn capture_packet(&self, pair: u16, rx: bool, frame: &[u8], note: PacketNote) {
+        self.capture.packet(pair, rx, frame, note);
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn capture_flush(&self) {
+        self.capture.flush();
+    }
+
+    /// tx-reorder: how many chains of this run of `pair` to complete in
+    /// reverse, if it fires.
+    #[cold]
+    #[inline(never)]
+    fn tx_reorder(&self, pair: u16) -> Option<usize> {
+        self.faults
+            .find(FaultKind::TxReorder, pair)
+            .filter(|f| self.faults.fire(f))
+            .map(|f| f.spec.count.max(2) as usize)
+    }
+
+    /// A trace entry for a transmitted chain, before the device reads it.
+    #[cold]
+    #[inline(never)]
+    fn tx_trace_entry<Q: QueueT>(
+        &self,
+        pair: u16,
+        mem: &GuestMemoryMmapB,
+        queue: &Q,
+        head: u16,
+        regions: &RegionClassifier,
+    ) -> Box<TraceEntry> {
+        let t0 = Instant::now();
+        let view = inspect::walk(mem, queue.desc_table(), queue.size(), head, regions);
+        Box::new(TraceEntry {
+            seq: 0,
+            t_us: 0,
+            vq: tx_index(pair),
+            queue: format!("tx{pair}"),
+            chains: vec![view],
+            used: vec![(u32::from(head), 0)],
+            frame_len: 0,
+            wait_us: None,
+            device_us: u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX),
+            split: None,
+            steer: None,
+            flow: None,
+            outcome: "ok".into(),
+        })
+    }
+
     /// A trace entry for a received packet, without chains yet.
+    #[cold]
+    #[inline(never)]
     fn rx_trace_entry(&self, pair: u16, pkt: &PendingRx, device_us: u64) -> TraceEntry {
         TraceEntry {
             seq: 0,
@@ -785,6 +856,8 @@ impl NetDevice {
     /// Records what one write of `pkt` into the ring did: the chains it
     /// took (read back from the avail ring) and the used entries it wrote.
     #[allow(clippy::too_many_arguments)]
+    #[cold]
+    #[inline(never)]
     fn trace_rx(
         &self,
         pair: u16,
@@ -834,6 +907,8 @@ impl NetDevice {
 
     /// A device error while tracing: the queue's recent history goes to
     /// the log (at most once a second).
+    #[cold]
+    #[inline(never)]
     fn dump_trace_on_error(&self, vq: usize, why: &str) {
         if !self.tracing() || !self.tracer.log_dump_due() {
             return;
@@ -853,6 +928,8 @@ impl NetDevice {
     /// rx-hold: takes chains from the ring up to the fault's count and
     /// keeps them; once the fault is gone, returns them with length 0.
     /// Returns true if the used ring changed.
+    #[cold]
+    #[inline(never)]
     fn hold_rx_chains(&self, pair: u16, queue: &mut Queue, mem: &GuestMemoryMmapB) -> bool {
         let fault = self.faults.find(FaultKind::RxHold, pair);
         let Some(mut held) = self.faults.held_mut(pair) else {
@@ -884,6 +961,8 @@ impl NetDevice {
 
     /// rx-delay and rx-batch: whether the backlog of `pair` waits now. A
     /// timer wakes the queue when the wait is over.
+    #[cold]
+    #[inline(never)]
     fn rx_held_back(&self, pair: u16, backlog: &RxBacklog) -> bool {
         let (fault, batch) = match (
             self.faults.find(FaultKind::RxDelay, pair),
@@ -971,11 +1050,7 @@ impl NetDevice {
             if self.faults.needs_reset() {
                 return false;
             }
-            reorder = self
-                .faults
-                .find(FaultKind::TxReorder, pair)
-                .filter(|f| self.faults.fire(f))
-                .map(|f| f.spec.count.max(2) as usize);
+            reorder = self.tx_reorder(pair);
         }
         let mut deferred: Vec<u16> = Vec::new();
         let tracing = self.tracing();
@@ -995,27 +1070,10 @@ impl NetDevice {
                 n += 1;
                 let head = chain.head_index();
                 if let Some(e) = entry.take() {
-                    self.tracer.record(*e);
+                    self.record_trace(e);
                 }
                 if tracing {
-                    let t0 = Instant::now();
-                    let view =
-                        inspect::walk(&*mem, queue.desc_table(), queue.size(), head, &regions);
-                    entry = Some(Box::new(TraceEntry {
-                        seq: 0,
-                        t_us: 0,
-                        vq: tx_index(pair),
-                        queue: format!("tx{pair}"),
-                        chains: vec![view],
-                        used: vec![(u32::from(head), 0)],
-                        frame_len: 0,
-                        wait_us: None,
-                        device_us: u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX),
-                        split: None,
-                        steer: None,
-                        flow: None,
-                        outcome: "ok".into(),
-                    }));
+                    entry = Some(self.tx_trace_entry(pair, &mem, queue, head, &regions));
                 }
                 let res = request::read_tx_chain(chain, &regions, queue.size(), buf);
                 // A chain that cannot be read is counted once, below.
@@ -1033,11 +1091,12 @@ impl NetDevice {
                     Err(e) => {
                         debug!("{}: tx{pair}: bad chain: {e}", self.opts.name);
                         stats.tx_drops.count(DropReason::BadChain);
-                        note(&mut entry, format_args!("error: {e}"));
-                        if let Some(t) = entry.take() {
-                            self.tracer.record(*t);
+                        if let Some(mut t) = entry.take() {
+                            t.outcome = format!("error: {e}");
+                            let why = t.outcome.clone();
+                            self.record_trace(t);
+                            self.dump_trace_on_error(tx_index(pair), &why);
                         }
-                        self.dump_trace_on_error(tx_index(pair), &e.to_string());
                         continue;
                     }
                 };
@@ -1054,12 +1113,10 @@ impl NetDevice {
                 }
                 let frame = data[hdr_len..].to_vec();
                 if let Some(e) = entry.as_mut() {
-                    e.frame_len = frame.len();
-                    e.flow = Some(FlowKey::of(&packet::parse(&frame)));
+                    trace_tx_frame(e, &frame);
                 }
                 if capturing {
-                    self.capture
-                        .packet(pair, false, &frame, PacketNote::default());
+                    self.capture_packet(pair, false, &frame, PacketNote::default());
                 }
                 tally.packets += 1;
                 tally.bytes += frame.len() as u64;
@@ -1085,7 +1142,7 @@ impl NetDevice {
             }
             tally.flush(stats);
             if let Some(e) = entry.take() {
-                self.tracer.record(*e);
+                self.record_trace(e);
             }
             complete_reversed(queue, &mem, &mut deferred);
             // Notifications back on (without EVENT_IDX that clears the used
@@ -1112,7 +1169,7 @@ impl NetDevice {
             p.flush(woken);
         }
         if capturing {
-            self.capture.flush();
+            self.capture_flush();
         }
         used
     }
@@ -1206,8 +1263,18 @@ impl NetDevice {
     }
 }
 
+/// A transmitted frame, for the trace entry of its chain.
+#[cold]
+#[inline(never)]
+fn trace_tx_frame(e: &mut TraceEntry, frame: &[u8]) {
+    e.frame_len = frame.len();
+    e.flow = Some(FlowKey::of(&packet::parse(frame)));
+}
+
 /// Sets the outcome of the chain being traced, if it is. Takes the text
 /// unformatted so that nothing is formatted or allocated when not tracing.
+#[cold]
+#[inline(never)]
 fn note(entry: &mut Option<Box<TraceEntry>>, what: std::fmt::Arguments) {
     if let Some(e) = entry.as_mut() {
         e.outcome = what.to_string();
@@ -1337,6 +1404,8 @@ struct RxFaults {
 }
 
 impl RxFaults {
+    #[cold]
+    #[inline(never)]
     fn new(faults: &Faults, pair: u16, split: bool) -> Self {
         RxFaults {
             drop: faults.find(FaultKind::RxDrop, pair),
@@ -1349,6 +1418,7 @@ impl RxFaults {
     /// Rolls the faults for `pkt`; true: drop it. Effects that only show
     /// once the packet is written are set up in `writer` and counted by
     /// [`RxFaults::delivered`].
+    #[inline(never)]
     fn apply(&self, faults: &Faults, pkt: &mut PendingRx, writer: &mut RxWriter) -> bool {
         if !pkt.faulted {
             pkt.faulted = true;
@@ -1372,6 +1442,7 @@ impl RxFaults {
         false
     }
 
+    #[inline(never)]
     fn delivered(&self, faults: &Faults, writer: &mut RxWriter, delivered: bool) {
         if delivered {
             if let (Some(f), true) = (&self.short, writer.fault_short_by > 0) {
