@@ -10,6 +10,13 @@
 //! machine falls on each alike. Per configuration the median over the runs
 //! is reported, and the A/A spread: how far apart runs of the same build
 //! are, the noise the off/out ratio must be read against.
+//!
+//! Both builds use one codegen unit. With the default 16, how the crate's
+//! functions fall into units decides whether vm-memory's guest memory
+//! copies are inlined into the receive path, and that alone moves the
+//! packet rate by up to 30% between builds of nearly the same code (perf
+//! shows the time in vm-memory's slice iterator in one build and not in
+//! the other), which would swamp what the hooks cost.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -49,15 +56,17 @@ type Case = (u32, String, u32);
 fn build(hooks: bool) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(repo_root()).args([
-        "bench",
-        "-p",
-        "vhost-nic",
-        "--bench",
-        "datapath",
-        "--no-run",
-        "--message-format=json-render-diagnostics",
-    ]);
+    cmd.current_dir(repo_root())
+        .env("CARGO_PROFILE_BENCH_CODEGEN_UNITS", "1")
+        .args([
+            "bench",
+            "-p",
+            "vhost-nic",
+            "--bench",
+            "datapath",
+            "--no-run",
+            "--message-format=json-render-diagnostics",
+        ]);
     if !hooks {
         cmd.arg("--no-default-features");
     }
