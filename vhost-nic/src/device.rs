@@ -400,6 +400,8 @@ impl NetDevice {
         self.admin.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    // Inline: the data path asks once per frame.
+    #[inline]
     pub fn link_up(&self) -> bool {
         // One check of the faults when none is set (each of the fault
         // queries would check `armed` again).
@@ -800,6 +802,17 @@ impl NetDevice {
             .map(|f| f.spec.count.max(2) as usize)
     }
 
+    /// A transmitted chain the device could not read: its trace entry, and
+    /// the queue's recent history to the log.
+    #[cold]
+    #[inline(never)]
+    fn trace_tx_error(&self, pair: u16, mut e: Box<TraceEntry>, error: &dyn std::fmt::Display) {
+        e.outcome = format!("error: {error}");
+        let why = e.outcome.clone();
+        self.record_trace(e);
+        self.dump_trace_on_error(tx_index(pair), &why);
+    }
+
     /// A trace entry for a transmitted chain, before the device reads it.
     #[cold]
     #[inline(never)]
@@ -1091,11 +1104,8 @@ impl NetDevice {
                     Err(e) => {
                         debug!("{}: tx{pair}: bad chain: {e}", self.opts.name);
                         stats.tx_drops.count(DropReason::BadChain);
-                        if let Some(mut t) = entry.take() {
-                            t.outcome = format!("error: {e}");
-                            let why = t.outcome.clone();
-                            self.record_trace(t);
-                            self.dump_trace_on_error(tx_index(pair), &why);
+                        if let Some(t) = entry.take() {
+                            self.trace_tx_error(pair, t, &e);
                         }
                         continue;
                     }
@@ -1103,12 +1113,12 @@ impl NetDevice {
                 let data = buf.data();
                 let Some(hdr) = VirtioNetHdr::from_bytes(data.get(..hdr_len).unwrap_or(&[])) else {
                     stats.tx_drops.count(DropReason::BadTxHeader);
-                    note(&mut entry, format_args!("dropped: bad_tx_header"));
+                    note(&mut entry, "dropped: bad_tx_header");
                     continue;
                 };
                 if hdr.gso_kind().is_none() || data.len() < hdr_len + ETH_HLEN {
                     stats.tx_drops.count(DropReason::BadTxHeader);
-                    note(&mut entry, format_args!("dropped: bad_tx_header"));
+                    note(&mut entry, "dropped: bad_tx_header");
                     continue;
                 }
                 let frame = data[hdr_len..].to_vec();
@@ -1131,12 +1141,12 @@ impl NetDevice {
                     Some(p) if self.link_up() => {
                         if let Err(reason) = p.transmit(self, pair, frame, hdr, &mut woken) {
                             stats.tx_drops.count(reason);
-                            note(&mut entry, format_args!("dropped: {reason:?}"));
+                            note_drop(&mut entry, reason);
                         }
                     }
                     _ => {
                         stats.tx_drops.count(DropReason::PortDown);
-                        note(&mut entry, format_args!("dropped: port_down"));
+                        note(&mut entry, "dropped: port_down");
                     }
                 }
             }
@@ -1144,7 +1154,9 @@ impl NetDevice {
             if let Some(e) = entry.take() {
                 self.record_trace(e);
             }
-            complete_reversed(queue, &mem, &mut deferred);
+            if !deferred.is_empty() {
+                complete_reversed(queue, &mem, &mut deferred);
+            }
             // Notifications back on (without EVENT_IDX that clears the used
             // ring's NO_NOTIFY flag, which such a driver honours), then round
             // again if the driver posted meanwhile. Entries pending but not
@@ -1271,13 +1283,21 @@ fn trace_tx_frame(e: &mut TraceEntry, frame: &[u8]) {
     e.flow = Some(FlowKey::of(&packet::parse(frame)));
 }
 
-/// Sets the outcome of the chain being traced, if it is. Takes the text
-/// unformatted so that nothing is formatted or allocated when not tracing.
+/// A dropped chain's outcome in its trace entry, if it has one.
 #[cold]
 #[inline(never)]
-fn note(entry: &mut Option<Box<TraceEntry>>, what: std::fmt::Arguments) {
+fn note(entry: &mut Option<Box<TraceEntry>>, what: &'static str) {
     if let Some(e) = entry.as_mut() {
         e.outcome = what.to_string();
+    }
+}
+
+/// The same for a drop the port reported.
+#[cold]
+#[inline(never)]
+fn note_drop(entry: &mut Option<Box<TraceEntry>>, reason: DropReason) {
+    if let Some(e) = entry.as_mut() {
+        e.outcome = format!("dropped: {reason:?}");
     }
 }
 
@@ -1389,6 +1409,8 @@ impl RxTally {
 }
 
 /// tx-reorder: completes the deferred chains, last first.
+#[cold]
+#[inline(never)]
 fn complete_reversed<Q: QueueT>(queue: &mut Q, mem: &GuestMemoryMmapB, deferred: &mut Vec<u16>) {
     for head in deferred.drain(..).rev() {
         let _ = queue.add_used(mem, head, 0);
