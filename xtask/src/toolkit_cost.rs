@@ -214,10 +214,12 @@ pub fn run(runs: u32) -> Result<()> {
         "frame", "split", "rules", "out Mpps", "off Mpps", "off/out", "A/A", "diff", "on/out"
     );
     let (mut log_ratio, mut log_on, mut worst_aa) = (0.0, 0.0, 0.0f64);
+    let mut below = 0;
     for ((frame, split, rules), rates) in &cases {
         let [out, off, on] = rates;
         let (m_out, m_off, m_on) = (median(out.clone()), median(off.clone()), median(on.clone()));
         let ratio = m_off / m_out;
+        below += usize::from(ratio < 1.0);
         let aa = spread(out).max(spread(off));
         worst_aa = worst_aa.max(aa);
         log_ratio += ratio.ln();
@@ -238,8 +240,9 @@ pub fn run(runs: u32) -> Result<()> {
     let n = cases.len() as f64;
     println!();
     println!(
-        "geometric mean off/out {:.3}, largest A/A spread {:.1}%, geometric mean on/out {:.2}",
+        "geometric mean off/out {:.3} (off below out in {below} of {} cases), largest A/A spread {:.1}%, geometric mean on/out {:.2}",
         (log_ratio / n).exp(),
+        cases.len(),
         worst_aa * 100.0,
         (log_on / n).exp()
     );
