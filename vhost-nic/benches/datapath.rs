@@ -11,6 +11,12 @@
 //! Run with `cargo bench -p vhost-nic --bench datapath`. Driver-side work
 //! (publishing ring indices) is included and small: buffers are posted once
 //! and recycled, as a driver refilling the same pages would.
+//!
+//! Options: `--quick` (a few batches per configuration, to check that it
+//! runs), `--trace` (the flight recorder on in both devices), `--tsv` (one
+//! `case` line per configuration for scripts). `cargo xtask bench
+//! --toolkit-off-cost` runs this built with and without the toolkit's
+//! hooks (`--no-default-features`) to measure what they cost when off.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -195,11 +201,23 @@ impl Bench {
 fn main() {
     env_logger::init();
     // `--quick`: a few batches per configuration, to check that it runs.
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let flag = |name: &str| args.iter().any(|a| a == name);
+    let (quick, trace, tsv) = (flag("--quick"), flag("--trace"), flag("--tsv"));
+    if trace && !vhost_nic::device::TOOLKIT_HOOKS {
+        eprintln!("--trace needs the toolkit-hooks feature");
+        std::process::exit(2);
+    }
     let started = Instant::now();
     println!(
         "datapath: TX on A -> wire -> steering on B (RSS over {PAIRS} queues) -> RX on B, \
-         {BATCH} packets per kick, {FLOWS} TCP flows"
+         {BATCH} packets per kick, {FLOWS} TCP flows; toolkit hooks {}, trace {}",
+        if vhost_nic::device::TOOLKIT_HOOKS {
+            "compiled in"
+        } else {
+            "compiled out"
+        },
+        if trace { "on" } else { "off" },
     );
     println!();
     println!(
@@ -214,6 +232,12 @@ fn main() {
                 .iter()
                 .map(|&rules| Bench::new(frame_len, split, rules))
                 .collect();
+            if trace {
+                for bench in &benches {
+                    bench.a.dev.tracer.enable(None);
+                    bench.b.dev.tracer.enable(None);
+                }
+            }
             if quick {
                 for (bench, &rules) in benches.iter_mut().zip(&rule_counts) {
                     for _ in 0..4 {
@@ -243,6 +267,12 @@ fn main() {
                     1e3 / ns,
                     ns
                 );
+                if tsv {
+                    println!(
+                        "case\t{frame_len}\t{}\t{rules}\t{ns:.3}",
+                        if split { "on" } else { "off" }
+                    );
+                }
             }
             ratios.push((frame_len, split, ns[2] / ns[0], ns[2] / ns[1]));
         }

@@ -252,7 +252,7 @@ impl NetBackend {
         match vring.needs_notification() {
             Ok(true) => {
                 let mut times = 1;
-                if let (Some((pair, _)), true) = (data, self.dev.faults.armed()) {
+                if let (Some((pair, _)), true) = (data, self.dev.faults_armed()) {
                     let f = &self.dev.faults;
                     if f.fires(FaultKind::IrqSuppress, pair) {
                         times = 0;

@@ -760,7 +760,10 @@ mod tests {
         assert_eq!(v["ok"]["devices"][1]["active"][0]["kind"], "rx-drop");
         let v = ask(&d, r#"{"cmd":"fault","set":"link-down"}"#);
         assert_eq!(v["ok"]["devices"], 2);
-        assert!(!d.backends[0].device().link_up());
+        // Without the hooks, faults are listed but do not act.
+        if crate::device::TOOLKIT_HOOKS {
+            assert!(!d.backends[0].device().link_up());
+        }
         let v = ask(&d, r#"{"cmd":"fault","clear":"all"}"#);
         assert_eq!(v["ok"]["cleared"], 3);
         assert!(d.backends[0].device().link_up());

@@ -19,6 +19,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
 use crate::chain::{self, ChainError, ChainLimits, Direction, Segment};
+use crate::device::TOOLKIT_HOOKS;
 use crate::hdr::{VirtioNetHdr, HDR_HASH_LEN, VIRTIO_NET_HDR_F_SPLIT};
 use crate::memory::{RegionClassifier, RegionKind};
 use crate::packet::ParsedPacket;
@@ -206,7 +207,7 @@ impl RxWriter {
 
         let vnet = layout.vnet_hdr_len.min(HDR_HASH_LEN);
         let need = vnet.saturating_add(pkt.frame.len());
-        let split_hdr = if self.fault_no_split {
+        let split_hdr = if TOOLKIT_HOOKS && self.fault_no_split {
             None
         } else {
             split_headers_len(layout, pkt, vnet)
@@ -296,8 +297,10 @@ impl RxWriter {
                 self.used.push((c.head, len));
             }
         }
-        if let Some(last) = self.used.last_mut() {
-            last.1 = last.1.saturating_sub(self.fault_short_by);
+        if TOOLKIT_HOOKS && self.fault_short_by > 0 {
+            if let Some(last) = self.used.last_mut() {
+                last.1 = last.1.saturating_sub(self.fault_short_by);
+            }
         }
         if let Err(e) = publish_used(queue, mem, &self.used) {
             self.stats.used_ring_errors += 1;

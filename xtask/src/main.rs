@@ -11,6 +11,7 @@ mod paths;
 mod report;
 mod step;
 mod toolkit;
+mod toolkit_cost;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -49,7 +50,9 @@ enum Cmd {
     Vm(LabArgs),
     /// Throughput over the vhost-nic wire against QEMU's userspace
     /// virtio-net-pci on a host TAP pair, in the same guest; with --devmem,
-    /// device memory TCP receive against plain TCP receive on the same NIC.
+    /// device memory TCP receive against plain TCP receive on the same NIC;
+    /// with --toolkit-off-cost, the datapath benchmark on the host with the
+    /// toolkit's hooks compiled out, in and off, and on.
     Bench {
         #[command(flatten)]
         lab: LabArgs,
@@ -67,6 +70,11 @@ enum Cmd {
         /// VRAM through the copy engine).
         #[arg(long)]
         no_validate: bool,
+        /// No guest: the datapath benchmark built without and with the
+        /// toolkit's data-path hooks, run alternately --rounds times each
+        /// (at least 2), with the flight recorder on for scale.
+        #[arg(long, conflicts_with = "devmem")]
+        toolkit_off_cost: bool,
     },
     /// The driver toolkit's guest cases alone (a capture read by tshark,
     /// every fault under a plain TCP and a devmem RX flow, bad control
@@ -960,11 +968,17 @@ fn main() -> ExitCode {
         Cmd::Selftests { lab, paths } => selftests(lab, paths).map(Some),
         Cmd::Toolkit(a) => toolkit_cases(a).map(Some),
         Cmd::Bench {
+            toolkit_off_cost: true,
+            rounds,
+            ..
+        } => toolkit_cost::run(*rounds).map(|()| None),
+        Cmd::Bench {
             lab,
             devmem: true,
             bytes,
             rounds,
             no_validate,
+            ..
         } => devmem::bench(lab, *bytes, *rounds, !no_validate).map(|()| None),
         Cmd::Bench {
             lab, bytes, rounds, ..
