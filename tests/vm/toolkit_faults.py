@@ -338,33 +338,68 @@ def test_link_down():
 
 
 def test_needs_reset():
-    """Set on the guest's NIC only (nic0) while both flows run: the device
-    signals a vring error, QEMU sets DEVICE_NEEDS_RESET and raises a config
-    interrupt, and virtio_net resets the device and restores its settings.
-    Both flows, the devmem one with its binding and flow rule made before
-    the reset, must then complete."""
-    since = dm.dmesg_len()
-    said = []
+    """Set on the guest's NIC only (nic0): the device signals a vring
+    error, QEMU sets DEVICE_NEEDS_RESET and raises a config interrupt, and
+    virtio_net resets the device and restores its settings. A plain TCP
+    transfer under way at the reset must complete, and a devmem receiver
+    set up before it (ncdevmem: dma-buf binding, header split, flow rule)
+    must get its whole stream into the dma-buf after it, which it can only
+    if the driver brought all three back."""
+    PORT[0] += 2
+    port = PORT[0]
+    q = dm.devmem_queue()
+    nc = dm.Ncdevmem(port, q)
+    plain = {}
 
-    def kernel_reset_lines():
-        return [ln.strip() for ln in sh(["dmesg"]).splitlines()[since:]
-                if f"{dm.NETIF}: device" in ln]
+    def run_plain():
+        try:
+            plain["ok"] = suite.transfer(4 * PLAIN_BYTES, port + 1)
+        except Exception as e:
+            plain["err"] = str(e)
+    try:
+        since = dm.dmesg_len()
+        before = counters()
+        start = dm.link_counters(dm.REMOTE_IF, "remote")["rx_bytes"]
+        mover = threading.Thread(target=run_plain, daemon=True)
+        mover.start()
+        wait_for("the plain transfer under way", lambda: dm.link_counters(
+            dm.REMOTE_IF, "remote")["rx_bytes"] - start > 256 << 10, 120)
+        ask("set-needs-reset")
+        said = []
 
-    def observe():
-        def finished():
-            said[:] = kernel_reset_lines()
+        def reset_finished():
+            said[:] = [ln.strip() for ln in sh(["dmesg"]).splitlines()[since:]
+                       if f"{dm.NETIF}: device" in ln]
             return any("device reset done" in ln or "device reset failed" in ln for ln in said)
-        wait_for("virtio_net resetting the device", finished, 120)
-        return said
-    d, _ = during("needs-reset", observe)
-    if not any("device needs a reset" in ln for ln in said) or \
-            any("device reset failed" in ln for ln in said):
-        raise Fail(f"virtio_net did not reset the device cleanly: {said}")
-    wait_for("carrier up after the reset", lambda: carrier(dm.NETIF) == "1", 60)
+        try:
+            wait_for("virtio_net resetting the device", reset_finished, 120)
+        finally:
+            host = ask("clear-needs-reset")
+        if not any("device needs a reset" in ln for ln in said) or \
+                any("device reset failed" in ln for ln in said):
+            raise Fail(f"virtio_net did not reset the device cleanly: {said}")
+        wait_for("carrier up after the reset", lambda: carrier(dm.NETIF) == "1", 60)
+        was_moving = "ok" not in plain
+        sender = dm.remote_send(port, DEVMEM_BYTES, src_port=port)
+        sent = dm.finish(sender, "devmem sender", timeout=FLOW_DEADLINE)
+        got, _ = nc.wait(timeout=FLOW_DEADLINE)
+        if got != DEVMEM_BYTES or sent != dm.pattern_sha(DEVMEM_BYTES):
+            raise Fail(f"devmem stream after the reset: ncdevmem validated {got} of "
+                       f"{DEVMEM_BYTES} bytes (sender: {sent})")
+    finally:
+        nc.kill()
+    mover.join(timeout=FLOW_DEADLINE)
+    if mover.is_alive() or "ok" not in plain:
+        raise Fail(f"plain transfer across the reset: {plain.get('err', 'hung')}")
+    d = delta(before, counters())
     back = {k: v for k, v in d.items() if v < 0}
     if back:
         raise Fail(f"interface counters went back across the device reset: {back}")
-    log(f"needs-reset: kernel: {said}; guest counters moved: {d}")
+    log(f"needs-reset: kernel: {said}; host: {host}")
+    log(f"needs-reset: plain {4 * PLAIN_BYTES} bytes SHA-256 equal "
+        f"({'under way at' if was_moving else 'done before'} the reset); devmem {got} bytes "
+        f"validated by ncdevmem -v 7 on queue {q}, bound before the reset and sent after it; "
+        f"guest counters moved: {d}")
 
 
 TESTS = [test_rx_drop, test_rx_hold, test_rx_delay, test_rx_batch, test_tx_reorder,
