@@ -5,11 +5,11 @@
 //! without the `toolkit-hooks` feature, where every hook check is a
 //! constant false and compiles away ("out"), and as shipped, with the
 //! checks in and everything off ("off"). The shipped build also runs with
-//! the flight recorder on ("on"), for scale. The three runs rotate (out
-//! off on, off on out, on out off, ...) so that load from elsewhere on the
-//! machine falls on each alike. Per configuration the median over the runs
-//! is reported, and the A/A spread: how far apart runs of the same build
-//! are, the noise the off/out ratio must be read against.
+//! the flight recorder on ("on"), for scale. The runs of all builds rotate
+//! (out out' out'' off on, out' out'' off on out, ...) so that load from
+//! elsewhere on the machine falls on each alike. Per configuration the
+//! median over the runs is reported, and the A/A spread: how far apart
+//! single runs of the same build are.
 //!
 //! Both builds use one codegen unit. With the default 16, how the crate's
 //! functions fall into units decides whether vm-memory's guest memory
@@ -17,6 +17,16 @@
 //! packet rate by up to 30% between builds of nearly the same code (perf
 //! shows the time in vm-memory's slice iterator in one build and not in
 //! the other), which would swamp what the hooks cost.
+//!
+//! Even then, where the linker puts the same code moves the rate a little,
+//! and run-to-run spread does not show that. So the hooks-out code is
+//! built twice more with another crate metadata (`-C metadata`), which
+//! changes symbol names and so the addresses of the same code ("out'",
+//! "out''", in their own target directories). Their distance from "out"
+//! is the layout noise: a difference between off and out within it cannot
+//! be told from moving the same code around. Both are medians over runs,
+//! so the verdict compares off/out with it; the A/A spread (fastest over
+//! slowest single run) is printed for scale.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -30,51 +40,74 @@ const STEP: &str = "bench --toolkit-off-cost";
 enum Variant {
     /// Hooks compiled out.
     Out,
+    /// Hooks compiled out, the same code at other addresses (1 or 2).
+    OutMoved(u8),
     /// Hooks compiled in, toolkit off.
     Off,
     /// Hooks compiled in, flight recorder on.
     On,
 }
 
-const VARIANTS: [Variant; 3] = [Variant::Out, Variant::Off, Variant::On];
+const VARIANTS: [Variant; 5] = [
+    Variant::Out,
+    Variant::OutMoved(1),
+    Variant::OutMoved(2),
+    Variant::Off,
+    Variant::On,
+];
 
 impl Variant {
     fn name(self) -> &'static str {
         match self {
             Variant::Out => "out",
+            Variant::OutMoved(1) => "out'",
+            Variant::OutMoved(_) => "out''",
             Variant::Off => "off",
             Variant::On => "on",
         }
+    }
+
+    fn slot(self) -> usize {
+        VARIANTS.iter().position(|&x| x == self).unwrap_or(0)
     }
 }
 
 /// One configuration of the benchmark: frame length, split, flow rules.
 type Case = (u32, String, u32);
 
-/// Builds the datapath benchmark with or without the hooks; returns the
-/// binary.
-fn build(hooks: bool) -> Result<PathBuf> {
+/// Builds the datapath benchmark with or without the hooks and, with
+/// `moved`, another crate metadata in its own target directory (the same
+/// code at other addresses); returns the binary.
+fn build(hooks: bool, moved: Option<u8>) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(repo_root())
-        .env("CARGO_PROFILE_BENCH_CODEGEN_UNITS", "1")
-        .args([
-            "bench",
-            "-p",
-            "vhost-nic",
-            "--bench",
-            "datapath",
-            "--no-run",
-            "--message-format=json-render-diagnostics",
-        ]);
+        .env("CARGO_PROFILE_BENCH_CODEGEN_UNITS", "1");
+    if let Some(n) = moved {
+        // The workspace sets no RUSTFLAGS, so this adds the one flag.
+        cmd.env("RUSTFLAGS", format!("-C metadata=layout-{n}")).env(
+            "CARGO_TARGET_DIR",
+            repo_root().join(format!("target/toolkit-cost-layout-{n}")),
+        );
+    }
+    cmd.args([
+        "bench",
+        "-p",
+        "vhost-nic",
+        "--bench",
+        "datapath",
+        "--no-run",
+        "--message-format=json-render-diagnostics",
+    ]);
     if !hooks {
         cmd.arg("--no-default-features");
     }
     banner(
         STEP,
         &format!(
-            "building the datapath benchmark, toolkit hooks {}",
-            if hooks { "in" } else { "out" }
+            "building the datapath benchmark, toolkit hooks {}{}",
+            if hooks { "in" } else { "out" },
+            moved.map_or(String::new(), |n| format!(", layout {n}"))
         ),
     );
     let out = cmd
@@ -156,8 +189,9 @@ fn spread(v: &[f64]) -> f64 {
 
 pub fn run(runs: u32) -> Result<()> {
     let runs = runs.max(2);
-    let with_hooks = build(true)?;
-    let without = build(false)?;
+    let with_hooks = build(true, None)?;
+    let without = build(false, None)?;
+    let moved = [build(false, Some(1))?, build(false, Some(2))?];
     let order: Vec<Variant> = (0..runs as usize)
         .flat_map(|r| (0..VARIANTS.len()).map(move |k| VARIANTS[(r + k) % VARIANTS.len()]))
         .collect();
@@ -170,13 +204,14 @@ pub fn run(runs: u32) -> Result<()> {
         ),
     );
     // Per case: the packet rates (Mpps) of each variant's runs.
-    let mut cases: Vec<(Case, [Vec<f64>; 3])> = Vec::new();
+    let mut cases: Vec<(Case, [Vec<f64>; VARIANTS.len()])> = Vec::new();
     for (i, &v) in order.iter().enumerate() {
         let started = std::time::Instant::now();
-        let exe = if v == Variant::Out {
-            &without
-        } else {
-            &with_hooks
+        let exe = match v {
+            Variant::Out => &without,
+            Variant::OutMoved(1) => &moved[0],
+            Variant::OutMoved(_) => &moved[1],
+            Variant::Off | Variant::On => &with_hooks,
         };
         let results = run_once(exe, v == Variant::On)?;
         eprintln!(
@@ -186,7 +221,7 @@ pub fn run(runs: u32) -> Result<()> {
             v.name(),
             started.elapsed().as_secs_f64()
         );
-        let slot = VARIANTS.iter().position(|&x| x == v).unwrap_or(0);
+        let slot = v.slot();
         for (case, ns) in results {
             let k = match cases.iter().position(|(c, _)| *c == case) {
                 Some(k) => k,
@@ -203,64 +238,108 @@ pub fn run(runs: u32) -> Result<()> {
     println!(
         "Toolkit off cost: datapath benchmark, {runs} runs per build, order rotated; Mpps is the median of the runs"
     );
-    println!("  out: toolkit hooks compiled out (vhost-nic --no-default-features)");
-    println!("  off: hooks compiled in, trace, capture and faults off (the default build)");
-    println!("  on:  the default build with the flight recorder on");
-    println!("  A/A: the larger of the two builds' spreads (fastest run over slowest run of one build, minus 1)");
-    println!("  diff: noise when off/out is within the A/A spread of 1");
+    println!("  out:  toolkit hooks compiled out (vhost-nic --no-default-features)");
+    println!("  off:  hooks compiled in, trace, capture and faults off (the default build)");
+    println!("  on:   the default build with the flight recorder on");
+    println!("  A/A:  the larger spread of out's and off's runs (fastest over slowest, minus 1)");
+    println!("  move: the same code as out at other addresses (out', out''): the larger distance of their medians from out's");
+    println!("  diff: noise when off/out is within move of 1 (medians against medians; A/A, a spread of single runs, is shown for scale)");
     println!();
     println!(
-        "{:>5} {:>5} {:>5}  {:>8} {:>8} {:>8}  {:>7} {:>6}  {:>8}",
-        "frame", "split", "rules", "out Mpps", "off Mpps", "off/out", "A/A", "diff", "on/out"
+        "{:>5} {:>5} {:>5}  {:>8} {:>8} {:>8}  {:>6} {:>6} {:>6}  {:>8}",
+        "frame",
+        "split",
+        "rules",
+        "out Mpps",
+        "off Mpps",
+        "off/out",
+        "A/A",
+        "move",
+        "diff",
+        "on/out"
     );
-    let (mut log_ratio, mut log_on, mut worst_aa) = (0.0, 0.0, 0.0f64);
-    let mut below = 0;
+    let mut sums = Sums::default();
     for ((frame, split, rules), rates) in &cases {
-        let [out, off, on] = rates;
-        let (m_out, m_off, m_on) = (median(out.clone()), median(off.clone()), median(on.clone()));
-        let ratio = m_off / m_out;
-        below += usize::from(ratio < 1.0);
-        let aa = spread(out).max(spread(off));
-        worst_aa = worst_aa.max(aa);
-        log_ratio += ratio.ln();
-        log_on += (m_on / m_out).ln();
-        let verdict = if (ratio - 1.0).abs() <= aa {
-            "noise"
-        } else if ratio < 1.0 {
-            "slower"
-        } else {
-            "faster"
+        let med = |v: Variant| median(rates[v.slot()].clone());
+        let m_out = med(Variant::Out);
+        let ratio = med(Variant::Off) / m_out;
+        let on = med(Variant::On) / m_out;
+        let moved = [1, 2]
+            .map(|n| (med(Variant::OutMoved(n)) / m_out - 1.0).abs())
+            .into_iter()
+            .fold(0.0, f64::max);
+        let aa = spread(&rates[Variant::Out.slot()]).max(spread(&rates[Variant::Off.slot()]));
+        let within = (ratio - 1.0).abs() <= moved;
+        let verdict = match (within, ratio < 1.0) {
+            (true, _) => "noise",
+            (false, true) => "slower",
+            (false, false) => "faster",
         };
+        sums.add(ratio, on, aa, moved, within);
         println!(
-            "{frame:>5} {split:>5} {rules:>5}  {m_out:>8.3} {m_off:>8.3} {ratio:>8.3}  {:>6.1}% {verdict:>6}  {:>8.2}",
+            "{frame:>5} {split:>5} {rules:>5}  {m_out:>8.3} {:>8.3} {ratio:>8.3}  {:>5.1}% {:>5.1}% {verdict:>6}  {on:>8.2}",
+            med(Variant::Off),
             aa * 100.0,
-            m_on / m_out
+            moved * 100.0,
         );
     }
-    let n = cases.len() as f64;
     println!();
-    println!(
-        "geometric mean off/out {:.3} (off below out in {below} of {} cases), largest A/A spread {:.1}%, geometric mean on/out {:.2}",
-        (log_ratio / n).exp(),
-        cases.len(),
-        worst_aa * 100.0,
-        (log_on / n).exp()
-    );
+    sums.print();
     println!();
     println!("runs (Mpps, in run order):");
     for ((frame, split, rules), rates) in &cases {
-        let fmt = |v: &Vec<f64>| {
-            v.iter()
-                .map(|r| format!("{r:.3}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
-        println!(
-            "  {frame:>4} {split:>3} {rules:>5}  out [{}]  off [{}]  on [{}]",
-            fmt(&rates[0]),
-            fmt(&rates[1]),
-            fmt(&rates[2])
-        );
+        let runs: Vec<String> = VARIANTS
+            .iter()
+            .map(|v| {
+                let r: Vec<String> = rates[v.slot()].iter().map(|r| format!("{r:.3}")).collect();
+                format!("{} [{}]", v.name(), r.join(" "))
+            })
+            .collect();
+        println!("  {frame:>4} {split:>3} {rules:>5}  {}", runs.join("  "));
     }
     Ok(())
+}
+
+/// The summary over all cases.
+#[derive(Default)]
+struct Sums {
+    cases: usize,
+    log_off: f64,
+    log_on: f64,
+    log_move: f64,
+    below: usize,
+    within_noise: usize,
+    worst_aa: f64,
+    worst_move: f64,
+}
+
+impl Sums {
+    fn add(&mut self, off: f64, on: f64, aa: f64, moved: f64, within_noise: bool) {
+        self.cases += 1;
+        self.log_off += off.ln();
+        self.log_on += on.ln();
+        self.log_move += (1.0 + moved).ln();
+        self.below += usize::from(off < 1.0);
+        self.within_noise += usize::from(within_noise);
+        self.worst_aa = self.worst_aa.max(aa);
+        self.worst_move = self.worst_move.max(moved);
+    }
+
+    fn print(&self) {
+        let n = self.cases.max(1) as f64;
+        println!(
+            "geometric mean off/out {:.3} (below 1 in {} of {} cases, within noise in {}), on/out {:.2}",
+            (self.log_off / n).exp(),
+            self.below,
+            self.cases,
+            self.within_noise,
+            (self.log_on / n).exp()
+        );
+        println!(
+            "noise: largest A/A spread {:.1}%; moving the same code: {:.1}% on average, {:.1}% at most",
+            self.worst_aa * 100.0,
+            ((self.log_move / n).exp() - 1.0) * 100.0,
+            self.worst_move * 100.0
+        );
+    }
 }
