@@ -36,6 +36,11 @@ lab_net_setup() {
         # Tests take the interfaces down and up (queues.py, devmem.py);
         # keep the static IPv6 addresses across that, as IPv4 does.
         ip netns exec remote sysctl -qw net.ipv6.conf.eth-remote.keep_addr_on_down=1
+        # The kselftests bind this end of a connection to a port chosen
+        # free on the local side only (rand_port); one still in TIME_WAIT
+        # here from an earlier connection fails that bind (EADDRINUSE).
+        # Keep no TIME_WAIT sockets in this namespace.
+        ip netns exec remote sysctl -qw net.ipv4.tcp_max_tw_buckets=0
         ip -n remote addr add "$REMOTE_V4/24" dev eth-remote
         ip -n remote addr add "$REMOTE_V6/64" dev eth-remote nodad
         # The NICs allow MTU 9000; tests start from the usual 1500.
