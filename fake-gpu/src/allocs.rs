@@ -70,10 +70,7 @@ impl AllocTable {
         AllocTable {
             live: BTreeMap::new(),
             cap,
-            counts: AllocCounts {
-                max: cap as u64,
-                ..Default::default()
-            },
+            counts: AllocCounts::default(),
         }
     }
 
@@ -105,7 +102,6 @@ impl AllocTable {
                 seq: self.counts.created,
             },
         );
-        self.counts.live = self.live.len() as u64;
         self.counts.bytes += size;
         self.counts.peak_bytes = self.counts.peak_bytes.max(self.counts.bytes);
         Ok(())
@@ -119,7 +115,6 @@ impl AllocTable {
             _ => return Err(Status::AllocUnknown),
         };
         self.counts.freed += 1;
-        self.counts.live = self.live.len() as u64;
         self.counts.bytes -= a.size;
         Ok(a)
     }
@@ -128,13 +123,16 @@ impl AllocTable {
     pub fn clear(&mut self) {
         self.counts.cleared += self.live.len() as u64;
         self.live.clear();
-        self.counts.live = 0;
         self.counts.bytes = 0;
         self.counts.peak_bytes = 0;
     }
 
     pub fn counts(&self) -> AllocCounts {
-        self.counts
+        AllocCounts {
+            live: self.live.len() as u64,
+            max: self.cap as u64,
+            ..self.counts
+        }
     }
 
     /// Live allocations in VRAM order.

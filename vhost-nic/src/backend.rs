@@ -499,7 +499,7 @@ impl VhostUserBackend for NetBackend {
         {
             self.remember_vrings(thread_id, vrings);
         }
-        if self.dev.faults.needs_reset() {
+        if self.dev.faults_armed() && self.dev.faults.needs_reset() {
             self.report_needs_reset();
         }
         if usize::from(device_event) < vrings.len() {
