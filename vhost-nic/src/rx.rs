@@ -200,6 +200,19 @@ impl RxWriter {
         layout: &RxLayout,
         pkt: &RxPacket,
     ) -> RxOutcome {
+        self.write_packet_with::<M, true>(queue, mem, regions, layout, pkt)
+    }
+
+    /// write_packet, applying the injected faults above only with HOOKS
+    /// (see NetDevice::toolkit_active).
+    pub(crate) fn write_packet_with<M: GuestMemory, const HOOKS: bool>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        regions: &RegionClassifier,
+        layout: &RxLayout,
+        pkt: &RxPacket,
+    ) -> RxOutcome {
         self.segs.clear();
         self.chains.clear();
         self.pieces.clear();
@@ -207,7 +220,7 @@ impl RxWriter {
 
         let vnet = layout.vnet_hdr_len.min(HDR_HASH_LEN);
         let need = vnet.saturating_add(pkt.frame.len());
-        let split_hdr = if TOOLKIT_HOOKS && self.fault_no_split {
+        let split_hdr = if HOOKS && TOOLKIT_HOOKS && self.fault_no_split {
             None
         } else {
             split_headers_len(layout, pkt, vnet)
@@ -297,7 +310,7 @@ impl RxWriter {
                 self.used.push((c.head, len));
             }
         }
-        if TOOLKIT_HOOKS && self.fault_short_by > 0 {
+        if HOOKS && TOOLKIT_HOOKS && self.fault_short_by > 0 {
             if let Some(last) = self.used.last_mut() {
                 last.1 = last.1.saturating_sub(self.fault_short_by);
             }
