@@ -24,6 +24,8 @@ import sys
 import threading
 import time
 
+from labutil import Fail, log, sh, trace, wait_for
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 NETTOOL = os.path.join(HERE, "nettool.py")
 KSFT = os.environ.get("LAB_KSELFTEST", "/mnt/kselftest")
@@ -43,42 +45,6 @@ MSG_SOCK_DEVMEM = 0x2000000
 SCM_DEVMEM_LINEAR, SCM_DEVMEM_DMABUF, SO_DEVMEM_DONTNEED = 78, 79, 80
 UDMABUF_CREATE = 0x40187542  # _IOW('u', 0x42, struct udmabuf_create)
 MFD_HUGETLB, MFD_HUGE_2MB = 0x4, 21 << 26
-
-
-class Fail(Exception):
-    pass
-
-
-def sh(cmd, ns=None, check=True, timeout=600):
-    trace(" ".join(cmd) + (f" (in {ns})" if ns else ""))
-    if ns:
-        cmd = ["ip", "netns", "exec", ns] + cmd
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise Fail(f"{' '.join(cmd)} exited {p.returncode}: {p.stderr.strip() or p.stdout.strip()}")
-    return p.stdout
-
-
-def wait_for(what, cond, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise Fail(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def log(msg):
-    print(f"# {msg}", flush=True)
-
-
-T0 = time.monotonic()
-
-
-def trace(msg):
-    """Progress lines with LAB_DEVMEM_TRACE=1."""
-    if os.environ.get("LAB_DEVMEM_TRACE"):
-        print(f"# [{time.monotonic() - T0:7.1f}s] {msg}", flush=True)
 
 
 # ---- netlink (the kselftests' YNL library and specs) -------------------------

@@ -26,13 +26,11 @@ import mmap
 import os
 import re
 import socket
-import struct
 import subprocess
 import sys
-import time
 
 import devmem_e2e as dm
-from devmem_e2e import Fail, log, sh, wait_for
+from labutil import Fail, log, sh, wait_for
 from toolkit_faults import RESULTS, ask
 
 DEV = "/dev/fake-gpu0"

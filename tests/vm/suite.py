@@ -15,6 +15,8 @@ import sys
 import threading
 import time
 
+from labutil import Fail, sh, wait_for
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 NETTOOL = os.path.join(HERE, "nettool.py")
 NETIF = os.environ.get("NETIF", "eth0")
@@ -24,28 +26,6 @@ LOCAL_V6, REMOTE_V6 = os.environ["LOCAL_V6"], os.environ["REMOTE_V6"]
 TRANSFER = int(os.environ.get("LAB_TRANSFER_BYTES", str(1 << 30)))
 # The lab's tools (guest-tools/), mounted by init.sh, first on PATH.
 LAB_TOOLS_BIN = "/run/lab-tools/bin"
-
-
-class Fail(Exception):
-    pass
-
-
-def sh(cmd, ns=None, check=True, timeout=600):
-    if ns:
-        cmd = ["ip", "netns", "exec", ns] + cmd
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise Fail(f"{' '.join(cmd)} exited {p.returncode}: {p.stderr.strip() or p.stdout.strip()}")
-    return p.stdout
-
-
-def wait_for(what, cond, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise Fail(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def read(path):

@@ -18,7 +18,7 @@ import time
 
 import devmem_e2e as dm
 import suite
-from devmem_e2e import Fail, log, sh, wait_for
+from labutil import Fail, log, sh, wait_for
 
 RESULTS = "/mnt/results"
 PLAIN_BYTES = int(os.environ.get("LAB_FAULT_PLAIN_BYTES", str(8 << 20)))
@@ -190,6 +190,15 @@ def while_on(kind, measure=None, **kw):
     return d, (extra if measure else f.result)
 
 
+def completed(kind, f, before, host, when=""):
+    """Waits for the flows to complete intact; logs and returns how the
+    guest's counters moved since `before`."""
+    done = f.finish()
+    d = delta(before, counters())
+    log(f"{kind}: {done}{when}; host: {host}; guest counters moved: {d}")
+    return d
+
+
 def outage(kind, observe=None, recover=None):
     """Flows started while the fault is on, which cannot progress until it
     is cleared (the host clears it once traffic has met it) and, with
@@ -207,10 +216,7 @@ def outage(kind, observe=None, recover=None):
         except BaseException:
             f.close()
             raise
-    done = f.finish()
-    d = delta(before, counters())
-    log(f"{kind}: {done} after it was cleared; host: {host}; guest counters moved: {d}")
-    return d, seen
+    return completed(kind, f, before, host, " after it was cleared"), seen
 
 
 def expect(cond, what, d):
@@ -317,10 +323,7 @@ def during(kind, observe):
     except BaseException:
         f.close()
         raise
-    done = f.finish()
-    d = delta(before, counters())
-    log(f"{kind}: {done}; host: {host}; guest counters moved: {d}")
-    return d, seen
+    return completed(kind, f, before, host), seen
 
 
 def test_link_down():
