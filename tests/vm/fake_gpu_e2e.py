@@ -246,6 +246,39 @@ def test_alloc_beyond_vram_enomem():
         gpu.close()
 
 
+def test_alloc_reads_zeros():
+    """VRAM freed by one owner and allocated again reads as zeros: the
+    driver has the copy engine clear each range it hands out, so nothing a
+    previous owner (or a NIC) left there leaks."""
+    gpu = Gpu()
+    size = 4 << 20
+    try:
+        old = gpu.alloc(size)
+        where = old.vram_offset
+        old.fill(0, size, 0xa5)
+        if old.read(size - 4096, 4096) != b"\xa5" * 4096:
+            raise Fail("FILL 0xa5 did not read back as 0xa5")
+        old.close()
+        new = gpu.alloc(size)
+        zero = gpu.alloc(size)
+        try:
+            if not (new.vram_offset < where + size and where < new.vram_offset + size):
+                raise Fail(f"the new range {new.vram_offset:#x}+{size:#x} does not overlap the "
+                           f"freed {where:#x}+{size:#x}: nothing to check")
+            zero.fill(0, size, 0)
+            got, want = new.checksum(0, size), zero.checksum(0, size)
+            if got != want or new.read(0, 4096) != bytes(4096):
+                raise Fail(f"VRAM {new.vram_offset:#x}+{size:#x}, filled with 0xa5 by its "
+                           f"previous owner, reads back CRC32C {got:#x}, zeros give {want:#x}")
+            log(f"VRAM {new.vram_offset:#x}+{size:#x}: 0xa5 from its previous owner, "
+                f"zeros when allocated again (CRC32C {got:#x})")
+        finally:
+            new.close()
+            zero.close()
+    finally:
+        gpu.close()
+
+
 def test_cpu_never_maps_vram():
     """mmap of a VRAM dma-buf and CPU access to it are refused, and
     /dev/fake-gpu0 has no mapping either; the driver counts each refusal."""
@@ -453,7 +486,8 @@ def test_root_complex_bind_refused():
     dm.plain_transfer(7953, 4 << 20)
 
 
-SWITCH_TESTS = [test_engine_round_trip, test_alloc_beyond_vram_enomem, test_cpu_never_maps_vram,
+SWITCH_TESTS = [test_engine_round_trip, test_alloc_beyond_vram_enomem, test_alloc_reads_zeros,
+                test_cpu_never_maps_vram,
                 test_malformed_command_reported, test_free_while_bound_deferred,
                 test_allocs_seen_by_host, test_devmem_rx_into_vram]
 ROOT_COMPLEX_TESTS = [test_root_complex_bind_refused]
