@@ -725,8 +725,7 @@ impl NetDevice {
                     hdr: pkt.hdr,
                     parsed: &pkt.parsed,
                 };
-                let outcome =
-                    writer.write_packet_with::<_, HOOKS>(queue, &*mem, &regions, &layout, &rx);
+                let outcome = writer.write_packet::<_, HOOKS>(queue, &*mem, &regions, &layout, &rx);
                 if let Some(f) = &faults {
                     f.delivered(
                         &self.faults,

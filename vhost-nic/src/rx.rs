@@ -192,20 +192,9 @@ impl RxWriter {
 
     /// Delivers `pkt` into `queue`. See the module documentation for the
     /// phases and [`RxOutcome`] for the results. Never notifies the guest.
-    pub fn write_packet<M: GuestMemory>(
-        &mut self,
-        queue: &mut Queue,
-        mem: &M,
-        regions: &RegionClassifier,
-        layout: &RxLayout,
-        pkt: &RxPacket,
-    ) -> RxOutcome {
-        self.write_packet_with::<M, true>(queue, mem, regions, layout, pkt)
-    }
-
-    /// write_packet, applying the injected faults above only with HOOKS
-    /// (see NetDevice::toolkit_active).
-    pub(crate) fn write_packet_with<M: GuestMemory, const HOOKS: bool>(
+    /// With HOOKS, the injected faults above apply (see
+    /// NetDevice::toolkit_active for why they are a parameter).
+    pub fn write_packet<M: GuestMemory, const HOOKS: bool>(
         &mut self,
         queue: &mut Queue,
         mem: &M,
@@ -750,7 +739,7 @@ mod tests {
                 parsed: &parsed,
             };
             self.w
-                .write_packet(&mut self.q, self.mem, self.regions, layout, &pkt)
+                .write_packet::<_, true>(&mut self.q, self.mem, self.regions, layout, &pkt)
         }
 
         fn deliver(&mut self, layout: &RxLayout, frame: &[u8]) -> RxReport {
