@@ -58,53 +58,11 @@ EOF
 }
 
 # ---- arguments -------------------------------------------------------------
-OUTDIR=''
-TREE=''
-PRINT_KEY=0
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --print-key) PRINT_KEY=1 ;;
-        --tree) [ $# -ge 2 ] || { usage; exit 2; }; TREE=$2; shift ;;
-        --tree=*) TREE=${1#--tree=} ;;
-        -h|--help) usage; exit 0 ;;
-        -*) usage; exit 2 ;;
-        *) [ -z "$OUTDIR" ] || { usage; exit 2; }; OUTDIR=$1 ;;
-    esac
-    shift
-done
-if [ "$PRINT_KEY" = 1 ]; then
-    [ -z "$OUTDIR" ] || { usage; exit 2; }
-else
-    [ -n "$OUTDIR" ] || { usage; exit 2; }
-fi
-if [ -n "$TREE" ]; then
-    { [ -f "$TREE/Makefile" ] && [ -f "$TREE/Kconfig" ]; } ||
-        die "--tree $TREE is not a kernel source tree (no Makefile/Kconfig)"
-    TREE=$(cd "$TREE" && pwd)
-fi
+parse_recipe_args "$@"
+require_tree Makefile Kconfig
 
-# Cache key: source identity, this script, recipe-lib.sh, lab.config, the
-# series, every patch.
 cache_key() {
-    local p patches
-    patches=$(series_patches)
-    for p in $patches; do
-        [ -f "$PATCH_DIR/$p" ] || die "series lists missing patch $PATCH_DIR/$p"
-    done
-    {
-        source_id
-        cat "$SCRIPT_PATH"
-        printf '\n--- lab.config\n'
-        cat "$LAB_CONFIG"
-        printf '\n--- recipe-lib.sh\n'
-        cat "$SCRIPT_DIR/recipe-lib.sh"
-        printf '\n--- series\n'
-        cat "$SERIES"
-        for p in $patches; do
-            printf '\n--- %s\n' "$p"
-            cat "$PATCH_DIR/$p"
-        done
-    } | sha256sum | cut -d' ' -f1
+    recipe_cache_key "$LAB_CONFIG"
 }
 
 [ -f "$LAB_CONFIG" ] || die "missing $LAB_CONFIG"
@@ -201,25 +159,12 @@ STEP_SECONDS[install]=$(( SECONDS - STEP_STARTED ))
 
 # For --tree the key covers the tree as built (after git am, if any).
 KEY=$(cache_key)
-if [ -z "$TREE" ]; then
-    source_desc="$LINUX_PACKAGE $LINUX_DEB_VERSION ($DEBIAN_SUITE, sha256 $LINUX_DEB_SHA256)"
-else
-    source_desc="tree $TREE"
-    if tree_is_git; then
-        source_desc="$source_desc at $(git -C "$TREE" rev-parse HEAD)"
-    fi
-fi
 cat >"$OUTDIR/.build-info" <<EOF
-source=$source_desc
+source=$(source_description)
 kernel_release=$krelease
 patches=$(series_patches | tr '\n' ' ')
 compiler=$(sed -nE 's/^CONFIG_CC_VERSION_TEXT="(.*)"$/\1/p' "$OUTDIR/.config")
-key=$KEY
-built=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-build_seconds=$(( SECONDS - START ))
-$(for s in "${!STEP_SECONDS[@]}"; do printf 'seconds_%s=%s\n' "${s//-/_}" "${STEP_SECONDS[$s]}"; done | sort)
+$(build_info_common)
 EOF
-rm -f "$OUTDIR/.build-in-progress"
-printf '%s\n' "$KEY" >"$OUTDIR/.inputs-hash"
-STEP=''
+outdir_done
 msg "done in $(( SECONDS - START ))s: $BZIMAGE ($krelease, $(stat -c %s "$BZIMAGE") bytes)"

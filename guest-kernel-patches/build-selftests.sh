@@ -62,59 +62,17 @@ EOF
 }
 
 # ---- arguments -------------------------------------------------------------
-OUTDIR=''
-TREE=''
-PRINT_KEY=0
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --print-key) PRINT_KEY=1 ;;
-        --tree) [ $# -ge 2 ] || { usage; exit 2; }; TREE=$2; shift ;;
-        --tree=*) TREE=${1#--tree=} ;;
-        -h|--help) usage; exit 0 ;;
-        -*) usage; exit 2 ;;
-        *) [ -z "$OUTDIR" ] || { usage; exit 2; }; OUTDIR=$1 ;;
-    esac
-    shift
-done
-if [ "$PRINT_KEY" = 1 ]; then
-    [ -z "$OUTDIR" ] || { usage; exit 2; }
-else
-    [ -n "$OUTDIR" ] || { usage; exit 2; }
-fi
-if [ -n "$TREE" ]; then
-    { [ -f "$TREE/Makefile" ] && [ -d "$TREE/tools/testing/selftests" ]; } ||
-        die "--tree $TREE is not a kernel source tree (no Makefile/tools/testing/selftests)"
-    TREE=$(cd "$TREE" && pwd)
-fi
-
-# Cache key: source identity, this script, recipe-lib.sh, the series, every
-# patch.
-cache_key() {
-    local p patches
-    patches=$(series_patches)
-    for p in $patches; do
-        [ -f "$PATCH_DIR/$p" ] || die "series lists missing patch $PATCH_DIR/$p"
-    done
-    {
-        source_id
-        cat "$SCRIPT_PATH"
-        printf '\n--- recipe-lib.sh\n'
-        cat "$SCRIPT_DIR/recipe-lib.sh"
-        printf '\n--- series\n'
-        cat "$SERIES"
-        for p in $patches; do
-            printf '\n--- %s\n' "$p"
-            cat "$PATCH_DIR/$p"
-        done
-    } | sha256sum | cut -d' ' -f1
-}
+parse_recipe_args "$@"
+require_tree Makefile tools/testing/selftests
 
 if [ "$PRINT_KEY" = 1 ]; then
-    cache_key
+    # shellcheck disable=SC2119 # no inputs beyond the shared ones
+    recipe_cache_key
     exit 0
 fi
 
-KEY=$(cache_key)
+# shellcheck disable=SC2119
+KEY=$(recipe_cache_key)
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 INSTALL="$OUTDIR/kselftest"
@@ -155,31 +113,22 @@ run_progress make -C "$SRC/tools/testing/selftests" "${OBJ_ARGS[@]}" -j"$JOBS" \
 for t in $KSFT_TARGETS; do
     [ -d "$INSTALL/$t" ] || die "no $INSTALL/$t after the install"
 done
-[ -d "$INSTALL/net/lib/ynl" ] && [ -d "$INSTALL/net/lib/specs" ] ||
+if [ ! -d "$INSTALL/net/lib/ynl" ] || [ ! -d "$INSTALL/net/lib/specs" ]; then
     die "$INSTALL/net/lib lacks the YNL library or the netlink specs"
+fi
 STEP_SECONDS[build]=$(( SECONDS - STEP_STARTED ))
 
-if [ -z "$TREE" ]; then
-    source_desc="$LINUX_PACKAGE $LINUX_DEB_VERSION ($DEBIAN_SUITE, sha256 $LINUX_DEB_SHA256)"
-else
-    source_desc="tree $TREE"
+if [ -n "$TREE" ]; then
     # For --tree the key covers the tree as built (after git am, if any).
-    KEY=$(cache_key)
-    if tree_is_git; then
-        source_desc="$source_desc at $(git -C "$TREE" rev-parse HEAD)"
-    fi
+    # shellcheck disable=SC2119
+    KEY=$(recipe_cache_key)
 fi
 cat >"$OUTDIR/.build-info" <<EOF
-source=$source_desc
+source=$(source_description)
 targets=$KSFT_TARGETS
 patches=$(series_patches | tr '\n' ' ')
 compiler=$(cc --version | head -n1); $(clang --version | head -n1)
-key=$KEY
-built=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-build_seconds=$(( SECONDS - START ))
-$(for s in "${!STEP_SECONDS[@]}"; do printf 'seconds_%s=%s\n' "${s//-/_}" "${STEP_SECONDS[$s]}"; done | sort)
+$(build_info_common)
 EOF
-rm -f "$OUTDIR/.build-in-progress"
-printf '%s\n' "$KEY" >"$OUTDIR/.inputs-hash"
-STEP=''
+outdir_done
 msg "done in $(( SECONDS - START ))s: $INSTALL ($KSFT_TARGETS)"

@@ -1,11 +1,12 @@
+# shellcheck shell=bash
 # Shared by build-kernel.sh and build-selftests.sh (sourced, not run): the
 # pinned Debian kernel source, the series, the step/log machinery, and the
 # steps both recipes run the same way (host packages, fetching and unpacking
 # the source, applying the series).
 #
-# The caller sets PROG (its name for messages) and TREE (empty, or the
-# absolute path given with --tree) before it calls these functions, and
-# SCRIPT_DIR to the directory of this file.
+# The caller sets PROG (its name for messages), SCRIPT_PATH (itself) and
+# SCRIPT_DIR (the directory of this file), and defines usage(); TREE is set
+# by parse_recipe_args and require_tree.
 
 # ---- pinned inputs ---------------------------------------------------------
 LINUX_PACKAGE='linux-source-7.3'
@@ -59,6 +60,99 @@ claim_outdir() {
     fi
 }
 
+# parse_recipe_args ARG...: OUTDIR, TREE and PRINT_KEY from the command line
+# both recipes take (OUTDIR [--tree PATH] | --print-key [--tree PATH]); the
+# caller's usage() explains it.
+parse_recipe_args() {
+    OUTDIR=''
+    TREE=''
+    PRINT_KEY=0
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --print-key) PRINT_KEY=1 ;;
+            --tree) [ $# -ge 2 ] || { usage; exit 2; }; TREE=$2; shift ;;
+            --tree=*) TREE=${1#--tree=} ;;
+            -h|--help) usage; exit 0 ;;
+            -*) usage; exit 2 ;;
+            *) [ -z "$OUTDIR" ] || { usage; exit 2; }; OUTDIR=$1 ;;
+        esac
+        shift
+    done
+    if [ "$PRINT_KEY" = 1 ]; then
+        [ -z "$OUTDIR" ] || { usage; exit 2; }
+    else
+        [ -n "$OUTDIR" ] || { usage; exit 2; }
+    fi
+}
+
+# require_tree PATH...: a --tree must hold each PATH (relative to it); TREE
+# becomes absolute.
+require_tree() {
+    local p
+    [ -n "$TREE" ] || return 0
+    for p in "$@"; do
+        [ -e "$TREE/$p" ] || die "--tree $TREE is not a kernel source tree (no $p)"
+    done
+    TREE=$(cd "$TREE" && pwd)
+}
+
+# recipe_cache_key [FILE...]: the cache key of the calling recipe: source
+# identity, the recipe itself, each FILE, recipe-lib.sh, the series, every
+# patch.
+recipe_cache_key() {
+    local p patches f
+    patches=$(series_patches)
+    for p in $patches; do
+        [ -f "$PATCH_DIR/$p" ] || die "series lists missing patch $PATCH_DIR/$p"
+    done
+    {
+        source_id
+        cat "$SCRIPT_PATH"
+        for f in "$@"; do
+            printf '\n--- %s\n' "${f##*/}"
+            cat "$f"
+        done
+        printf '\n--- recipe-lib.sh\n'
+        cat "$SCRIPT_DIR/recipe-lib.sh"
+        printf '\n--- series\n'
+        cat "$SERIES"
+        for p in $patches; do
+            printf '\n--- %s\n' "$p"
+            cat "$PATCH_DIR/$p"
+        done
+    } | sha256sum | cut -d' ' -f1
+}
+
+# source_description: what the recipe built from, for OUTDIR/.build-info.
+source_description() {
+    if [ -z "$TREE" ]; then
+        printf '%s %s (%s, sha256 %s)\n' "$LINUX_PACKAGE" "$LINUX_DEB_VERSION" \
+            "$DEBIAN_SUITE" "$LINUX_DEB_SHA256"
+    elif tree_is_git; then
+        printf 'tree %s at %s\n' "$TREE" "$(git -C "$TREE" rev-parse HEAD)"
+    else
+        printf 'tree %s\n' "$TREE"
+    fi
+}
+
+# build_info_common: the lines of OUTDIR/.build-info both recipes write
+# after their own: key, time, seconds in all and per step.
+build_info_common() {
+    local s
+    printf 'key=%s\nbuilt=%s\nbuild_seconds=%s\n' "$KEY" \
+        "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$(( SECONDS - START ))"
+    for s in "${!STEP_SECONDS[@]}"; do
+        printf 'seconds_%s=%s\n' "${s//-/_}" "${STEP_SECONDS[$s]}"
+    done | sort
+}
+
+# outdir_done: OUTDIR now holds the product for KEY.
+outdir_done() {
+    rm -f "$OUTDIR/.build-in-progress"
+    printf '%s\n' "$KEY" >"$OUTDIR/.inputs-hash"
+    STEP=''
+}
+
 series_patches() {
     [ -f "$SERIES" ] || die "missing $SERIES"
     sed -e 's/#.*//' -e 's/[[:space:]]*$//' "$SERIES" | grep -v '^$' || true
@@ -88,7 +182,6 @@ source_id() {
     fi
 }
 
-# Cache key: source identity, this script, lab.config, the series, every patch.
 # recipe_begin NAME: create the work directory ${TMPDIR:-/tmp}/NAME.XXXXXX
 # with its logs/, and install the exit handler that reports a failed step.
 recipe_begin() {
