@@ -713,7 +713,7 @@ impl NetDevice {
                         if tracing {
                             let mut e = self.rx_trace_entry(pair, &pkt, 0);
                             e.outcome = "dropped: injected (rx-drop)".into();
-                            self.record_trace(Box::new(e));
+                            self.tracer.record(e);
                         }
                         continue;
                     }
@@ -743,7 +743,7 @@ impl NetDevice {
                                 steer: Some(pkt.steer),
                                 split: r.split.then_some(r.split_hdr_len),
                             };
-                            self.capture_packet(pair, true, &pkt.frame, note);
+                            self.capture.packet(pair, true, &pkt.frame, note);
                         }
                         used = true;
                         delivered += 1;
@@ -800,31 +800,21 @@ impl NetDevice {
             }
         }
         if capturing {
-            self.capture_flush();
+            self.capture.flush();
         }
         used
     }
 
-    // The toolkit's work, out of line and marked cold: inlined, it made the
-    // queue loops up to 2.5 times larger and changed what else the compiler
-    // inlined into them, even with the toolkit off.
+    // The toolkit's work on the data path. Only the loop instances with
+    // hooks call it (see toolkit_active); out of line, it keeps them small.
 
+    /// Takes the entry boxed, as the TX loop holds it: moved out of the box
+    /// there, the whole entry went through the loop's stack frame, in the
+    /// instance without hooks too.
     #[cold]
     #[inline(never)]
     fn record_trace(&self, e: Box<TraceEntry>) {
         self.tracer.record(*e);
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn capture_packet(&self, pair: u16, rx: bool, frame: &[u8], note: PacketNote) {
-        self.capture.packet(pair, rx, frame, note);
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn capture_flush(&self) {
-        self.capture.flush();
     }
 
     /// tx-reorder: how many chains of this run of `pair` to complete in
@@ -1182,7 +1172,8 @@ impl NetDevice {
                     trace_tx_frame(e, &frame);
                 }
                 if capturing {
-                    self.capture_packet(pair, false, &frame, PacketNote::default());
+                    self.capture
+                        .packet(pair, false, &frame, PacketNote::default());
                 }
                 tally.packets += 1;
                 tally.bytes += frame.len() as u64;
@@ -1237,7 +1228,7 @@ impl NetDevice {
             p.flush(woken);
         }
         if capturing {
-            self.capture_flush();
+            self.capture.flush();
         }
         used
     }
@@ -1482,8 +1473,6 @@ struct RxFaults {
 }
 
 impl RxFaults {
-    #[cold]
-    #[inline(never)]
     fn new(faults: &Faults, pair: u16, split: bool) -> Self {
         RxFaults {
             drop: faults.find(FaultKind::RxDrop, pair),
@@ -1496,7 +1485,6 @@ impl RxFaults {
     /// Rolls the faults for `pkt`; true: drop it. Effects that only show
     /// once the packet is written are set up in `writer` and counted by
     /// [`RxFaults::delivered`].
-    #[inline(never)]
     fn apply(&self, faults: &Faults, pkt: &mut PendingRx, writer: &mut RxWriter) -> bool {
         if !pkt.faulted {
             pkt.faulted = true;
@@ -1520,7 +1508,6 @@ impl RxFaults {
         false
     }
 
-    #[inline(never)]
     fn delivered(&self, faults: &Faults, writer: &mut RxWriter, delivered: bool) {
         if delivered {
             if let (Some(f), true) = (&self.short, writer.fault_short_by > 0) {

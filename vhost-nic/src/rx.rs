@@ -19,7 +19,6 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
 use crate::chain::{self, ChainError, ChainLimits, Direction, Segment};
-use crate::device::TOOLKIT_HOOKS;
 use crate::hdr::{VirtioNetHdr, HDR_HASH_LEN, VIRTIO_NET_HDR_F_SPLIT};
 use crate::memory::{RegionClassifier, RegionKind};
 use crate::packet::ParsedPacket;
@@ -209,7 +208,7 @@ impl RxWriter {
 
         let vnet = layout.vnet_hdr_len.min(HDR_HASH_LEN);
         let need = vnet.saturating_add(pkt.frame.len());
-        let split_hdr = if HOOKS && TOOLKIT_HOOKS && self.fault_no_split {
+        let split_hdr = if HOOKS && self.fault_no_split {
             None
         } else {
             split_headers_len(layout, pkt, vnet)
@@ -299,7 +298,7 @@ impl RxWriter {
                 self.used.push((c.head, len));
             }
         }
-        if HOOKS && TOOLKIT_HOOKS && self.fault_short_by > 0 {
+        if HOOKS && self.fault_short_by > 0 {
             if let Some(last) = self.used.last_mut() {
                 last.1 = last.1.saturating_sub(self.fault_short_by);
             }
